@@ -1,0 +1,298 @@
+"""What a scanner, transfer, executor, curator, archiver and interpreter must offer.
+
+Plugins register *classes* that subclass one of the abstract bases below (see
+:mod:`mqi_framework.hookspecs`). The host instantiates a class with the plugin's own
+settings (an instance of its ``settings_class``, an attrs class validated from the YAML
+``settings:`` mapping) and a :class:`PluginContext`.
+
+The core never imports a plugin; plugins import this module.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
+
+import attrs
+
+
+# --------------------------------------------------------------------------- context
+
+
+@attrs.frozen
+class PluginContext:
+    """What the host tells every plugin instance about where it runs.
+
+    ``workspace`` is the host's working folder (database, staging, results, logs);
+    ``worker`` is the name of the worker section that created the instance (``None``
+    when the CLI creates it, e.g. for ``mqi-host check``).
+    """
+
+    workspace: Path
+    worker: Optional[str] = None
+    config_path: Optional[Path] = None
+
+
+class Plugin(abc.ABC):
+    """Common base: a registered, named implementation with its own settings class."""
+
+    #: The name the config selects this implementation by (``core.fs``, ``sftp``, ...).
+    name: ClassVar[str]
+    #: attrs class for the ``settings:`` mapping of the worker section, or None.
+    settings_class: ClassVar[Optional[type]] = None
+
+    def __init__(self, settings: Any, context: PluginContext) -> None:
+        self.settings = settings
+        self.context = context
+
+    def check(self) -> list[str]:
+        """Probe what this implementation depends on; return problems for ``mqi-host check``."""
+        return []
+
+    def close(self) -> None:
+        """Release connections and files; called when the worker stops."""
+
+
+# --------------------------------------------------------------------------- scan
+
+
+@attrs.frozen
+class CaseCandidate:
+    """A case folder found in an inbox.
+
+    ``case_id`` is the folder name (data, never shell syntax); ``ready`` is True when the
+    folder holds ``_CASE_READY`` or nothing in it changed for ``settle_seconds``.
+    """
+
+    case_id: str
+    path: Path
+    inbox: Path
+    ready: bool
+    reason: str = ""  # "marker", "settled", "changing", ...
+
+
+class Scanner(Plugin):
+    """Finds case folders. Called periodically by the ``scan`` worker."""
+
+    @abc.abstractmethod
+    def scan(self) -> Iterable[CaseCandidate]:
+        """Return every case folder currently present, ready or not."""
+
+
+# --------------------------------------------------------------------------- transfer
+
+
+@attrs.frozen
+class TransferProgress:
+    files_done: int
+    files_total: int
+    bytes_done: int
+    bytes_total: int
+
+
+ProgressCallback = Callable[[TransferProgress], None]
+
+
+@attrs.frozen
+class TransferResult:
+    files: int
+    bytes: int
+    skipped: int = 0  # files already present and verified (resume / re-run)
+
+
+class Transfer(Plugin):
+    """Moves a tree between the host and the execution side ("remote").
+
+    Both directions must be idempotent: a re-run of a finished transfer is a no-op and
+    an interrupted one resumes. Files are written as ``<name>.part`` and renamed only
+    after their SHA-256 matches the source.
+    """
+
+    @abc.abstractmethod
+    def upload(self, local_dir: Path, remote_dir: str, progress: ProgressCallback) -> TransferResult:
+        """Copy the tree ``local_dir`` to ``remote_dir`` (created if missing)."""
+
+    @abc.abstractmethod
+    def download(self, remote_dir: str, local_dir: Path, progress: ProgressCallback) -> TransferResult:
+        """Copy the tree ``remote_dir`` to ``local_dir`` (created if missing)."""
+
+
+# --------------------------------------------------------------------------- execute
+
+
+@attrs.frozen
+class JobSpec:
+    """One command to run detached.
+
+    ``job_key`` is stable for one attempt of one step of one beam: starting the same
+    key twice must re-attach to the first job, never start a second one.
+    ``command`` is already rendered, every substituted value shell-quoted.
+    """
+
+    job_key: str
+    command: str
+    workdir: str
+    timeout: Optional[float] = None
+    env: dict = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class JobHandle:
+    """Everything needed to find a started job again after a restart (JSON-serialisable)."""
+
+    executor: str
+    job_key: str
+    data: dict = attrs.field(factory=dict)
+
+
+JobState = Literal["running", "exited", "lost"]
+
+
+@attrs.frozen
+class JobStatus:
+    """``exited`` carries the exit code; ``lost`` means the job vanished without one
+    (host rebooted, job folder removed) and is retryable."""
+
+    state: JobState
+    exit_code: Optional[int] = None
+    message: str = ""
+
+
+class Executor(Plugin):
+    """Runs commands detached (own process group / session), polls them, kills them."""
+
+    @abc.abstractmethod
+    def start(self, spec: JobSpec) -> JobHandle:
+        """Start the job, or re-attach when ``spec.job_key`` was started before."""
+
+    @abc.abstractmethod
+    def poll(self, handle: JobHandle) -> JobStatus:
+        """Report whether the job runs, exited (with code) or was lost."""
+
+    @abc.abstractmethod
+    def kill(self, handle: JobHandle) -> None:
+        """Kill the job's whole process group; a finished job is left alone."""
+
+    @abc.abstractmethod
+    def read_log(self, handle: JobHandle, max_bytes: int = 65536) -> str:
+        """Return the last ``max_bytes`` of the job's combined stdout/stderr."""
+
+    @abc.abstractmethod
+    def missing_outputs(self, patterns: list[str]) -> list[str]:
+        """Return the glob patterns that match no file on the execution side."""
+
+
+# --------------------------------------------------------------------------- curate
+
+
+@attrs.frozen
+class GpuReading:
+    """One GPU as observed by a curator. ``None`` where the source reports N/A."""
+
+    host: str
+    index: int
+    uuid: str = ""
+    name: str = ""
+    memory_total_mb: Optional[int] = None
+    memory_used_mb: Optional[int] = None
+    memory_free_mb: Optional[int] = None
+    utilization_pct: Optional[int] = None
+    temperature_c: Optional[int] = None
+    healthy: bool = True
+
+
+class Curator(Plugin):
+    """Observes resources (GPUs). Allocation itself is done by the core in one SQLite
+    transaction per beam; a curator only says what exists and how it is doing."""
+
+    @abc.abstractmethod
+    def observe(self) -> list[GpuReading]:
+        """Return the current reading of every GPU this curator watches."""
+
+
+# --------------------------------------------------------------------------- archive
+
+
+@attrs.frozen
+class ArchiveResult:
+    backup_path: Optional[Path]
+    removed: list[Path] = attrs.field(factory=list)
+    message: str = ""
+
+
+class Archiver(Plugin):
+    """Backs up the state database and applies retention. Scheduled by the ``archive`` worker."""
+
+    #: seconds between runs unless the settings say otherwise
+    default_interval_seconds: ClassVar[float] = 3600.0
+
+    @abc.abstractmethod
+    def run(self, state_db: Path) -> ArchiveResult:
+        """Back up ``state_db`` (consistent online copy) and apply retention."""
+
+
+# --------------------------------------------------------------------------- interpret
+
+
+@attrs.frozen
+class BeamPlan:
+    """A treatment beam of a case. ``delivery_dir`` is the folder name inside the case
+    folder whose PlanInfo.txt names this beam, or None when no delivery was found."""
+
+    number: int
+    name: str = ""
+    delivery_dir: Optional[str] = None
+
+
+@attrs.frozen
+class CasePlan:
+    """What an interpreter found in a case folder.
+
+    ``beams`` are the treatment beams (setup beams excluded); ``missing`` the numbers of
+    treatment beams that have no delivery folder yet; ``info`` a PHI-free summary
+    (plan label, beam count, ...) shown in the CLI and dashboard.
+    """
+
+    beams: list[BeamPlan]
+    missing: list[int] = attrs.field(factory=list)
+    info: dict = attrs.field(factory=dict)
+
+
+class CaseRejected(Exception):
+    """The case folder is unusable (no plan, unreadable plan, no treatment beam, ...).
+
+    The message is for people: what is wrong and what to do next. It must not contain
+    patient identifiers.
+    """
+
+
+@attrs.frozen
+class LogVerdict:
+    """What a simulator log says: ``success``, ``failure`` or ``unknown`` (still running
+    or nothing recognisable), an optional message, and progress 0..1 when it is known."""
+
+    outcome: Literal["success", "failure", "unknown"]
+    message: str = ""
+    progress: Optional[float] = None
+
+
+class Interpreter(Plugin):
+    """Turns a case folder into beams and per-beam simulator inputs."""
+
+    @abc.abstractmethod
+    def interpret(self, case_dir: Path) -> CasePlan:
+        """Read the plan and delivery folders. Raise :class:`CaseRejected` when unusable."""
+
+    @abc.abstractmethod
+    def prepare(self, case_dir: Path, plan: CasePlan, staging_dir: Path, remote_dir: str) -> dict[int, str]:
+        """Write the execution-side tree into ``staging_dir``.
+
+        Paths inside the written inputs refer to ``remote_dir``, where the tree will be
+        uploaded. Returns, per beam number, the input file path relative to ``staging_dir``.
+        Must be idempotent (a re-run rewrites the same files).
+        """
+
+    @abc.abstractmethod
+    def parse_log(self, text: str) -> LogVerdict:
+        """Judge a simulator log (or its tail)."""
