@@ -1,0 +1,124 @@
+"""``mqi-host demo``: the quickstart end to end on the embedded defaults.
+
+Generates sample cases (3 treatment beams + 1 setup beam each), runs the whole host with
+the stand-in simulator, shows progress per case and beam, and exits 0 only when every
+treatment beam of every case is done and its dose and summary exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+DEMO_TIMEOUT_SECONDS = 120.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the workspace here (mqi.yaml, inbox/, database, results); "
+                             "`mqi-host run -c DIR/mqi.yaml` then processes cases dropped into DIR/inbox/")
+    parser.add_argument("--cases", type=int, default=3, help="how many sample cases (default 3)")
+    parser.add_argument("--gpus", type=int, default=2, help="stand-in GPUs (default 2)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="stand-in simulation time per beam (default 1)")
+    parser.add_argument("--timeout", type=float, default=DEMO_TIMEOUT_SECONDS,
+                        help=f"give up after this many seconds (default {DEMO_TIMEOUT_SECONDS:.0f})")
+
+
+def _progress_line(case: dict) -> str:
+    beams = " ".join(f"{b['number']}:{b['state']}" for b in case["beams"]) or "-"
+    return f"{case['id']}  {case['state']:<14} beams {beams}"
+
+
+def _outputs_missing(workspace: Path, case: dict) -> list[str]:
+    missing = []
+    for beam in case["beams"]:
+        out = workspace / "results" / case["id"] / "beams" / str(beam["number"]) / "output"
+        if not list(out.glob("*.raw")):
+            missing.append(f"{case['id']} beam {beam['number']}: no dose in {out}")
+        if not (out / "summary.json").is_file():
+            missing.append(f"{case['id']} beam {beam['number']}: no summary.json in {out}")
+    return missing
+
+
+def run(args: argparse.Namespace) -> int:
+    from mqi_framework.config import load_config
+    from mqi_framework.host import ProcessHost
+    from mqi_framework.store import connect
+    from mqi_framework.store import records
+    from mqi_framework.workspace import fast_config, write_workspace
+
+    from mqi_moqui.samples import generate_case
+
+    if args.cases < 1 or args.gpus < 1:
+        print("error: --cases and --gpus must be at least 1", file=sys.stderr)
+        return 2
+    folder = (args.workdir or Path(tempfile.mkdtemp(prefix="mqi-demo-"))).resolve()
+    if (folder / "state.db").exists():
+        print(f"error: {folder} already holds a workspace (state.db); choose an empty --workdir", file=sys.stderr)
+        return 2
+    config_path = write_workspace(folder, fast_config(gpus=args.gpus))
+    loaded = load_config(config_path)
+    inbox = folder / "inbox"
+    for i in range(1, args.cases + 1):
+        generate_case(inbox, f"DEMO-{i:03d}", seed=i)
+    print(f"mqi-host demo: {args.cases} sample case(s) in {inbox}, {args.gpus} stand-in GPU(s)", flush=True)
+
+    host = ProcessHost(loaded, extra_env={"MQI_STANDIN_SECONDS": str(args.seconds)})
+    started = time.monotonic()
+    shown: dict[str, str] = {}
+    final: list[dict] = []
+
+    def finished() -> bool:
+        if not loaded.database_path.exists():
+            return False
+        conn = connect(loaded.database_path, readonly=True)
+        try:
+            cases = records.list_cases(conn)
+        finally:
+            conn.close()
+        for case in cases:
+            line = _progress_line(case)
+            if shown.get(case["id"]) != line:
+                shown[case["id"]] = line
+                print(f"[{time.monotonic() - started:5.1f}s] {line}", flush=True)
+        if time.monotonic() - started > args.timeout:
+            print(f"demo: gave up after {args.timeout:.0f}s", flush=True)
+            final[:] = cases
+            return True
+        if len(cases) >= args.cases and all(c["state"] in records.FINAL_CASE_STATES for c in cases):
+            final[:] = cases
+            return True
+        return False
+
+    host.run_forever(until=finished, poll_seconds=0.3)
+    elapsed = time.monotonic() - started
+
+    problems = []
+    if len(final) < args.cases:
+        problems.append(f"only {len(final)} of {args.cases} cases were detected")
+    for case in final:
+        if case["state"] != "done":
+            problems.append(f"{case['id']} ended {case['state']}: {case['message']}")
+            continue
+        if len(case["beams"]) != 3 or any(b["state"] != "done" for b in case["beams"]):
+            problems.append(f"{case['id']}: beams {[(b['number'], b['state']) for b in case['beams']]}")
+        problems.extend(_outputs_missing(folder, case))
+    print()
+    print(f"results:  {folder / 'results'}")
+    print(f"database: {loaded.database_path}")
+    print(f"logs:     {host.log_dir}")
+    print(f"inspect:  mqi-host cases -c {config_path}")
+    if args.workdir:
+        print(f"continue: mqi-host run -c {config_path}   (drop case folders into {inbox})")
+    if problems:
+        print(f"demo FAILED after {elapsed:.1f}s:")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    beams = sum(len(c["beams"]) for c in final)
+    print(f"demo passed: {len(final)} case(s), {beams} treatment beam(s) done in {elapsed:.1f}s")
+    return 0

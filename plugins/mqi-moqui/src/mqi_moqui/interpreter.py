@@ -1,0 +1,461 @@
+"""The ``moqui`` interpreter: RT Ion Plan + delivery folders → beams → ``moqui_tps_<n>.in``.
+
+Case folder (docs: DESIGN.md section 2)::
+
+    <case>/RP*.dcm                  exactly one RT Ion Plan
+    <case>/<delivery>/PlanInfo.txt  KEY,VALUE lines; DICOM_BEAM_NUMBER maps the folder to a beam
+    <case>/<delivery>/*.ptn, *.mgn  machine logs, copied as they are
+
+Staging tree written by :meth:`MoquiInterpreter.prepare` (uploaded to ``remote_dir``)::
+
+    dicom/RTPLAN.dcm                 the plan (de-identified unless ``deidentify: false``)
+    beams/<n>/logs/...               the delivery folder of beam n (PlanInfo.txt de-identified)
+    beams/<n>/moqui_tps_<n>.in       Moqui input, paths pointing into remote_dir
+
+pydicom is imported lazily so that loading the plugin stays cheap.
+"""
+
+# No ``from __future__ import annotations`` here: cattrs structures MoquiSettings from its
+# real (evaluated) annotations.
+
+import contextlib
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional
+
+import attrs
+
+from mqi_framework.protocols import BeamPlan, CasePlan, CaseRejected, Interpreter, LogVerdict
+
+log = logging.getLogger(__name__)
+
+RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
+RT_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.5"  # photon/electron RT Plan: not for Moqui
+PLAN_INFO = "PlanInfo.txt"
+BEAM_NUMBER_KEY = "DICOM_BEAM_NUMBER"
+ANON = "ANON"
+
+#: Top-level attributes replaced by ``ANON`` (identifiers) or blanked/removed on de-identification.
+DEID_REPLACE = ("PatientName", "PatientID")
+DEID_REMOVE = (
+    "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames",
+    "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers",
+    "MedicalRecordLocator", "IssuerOfPatientID", "PatientComments", "MilitaryRank", "EthnicGroup",
+    "PatientInsurancePlanCodeSequence", "ReferencedPatientSequence", "ResponsiblePerson",
+    "AdditionalPatientHistory", "CountryOfResidence", "RegionOfResidence",
+)
+
+_PROGRESS = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
+FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")
+SUCCESS_MARKER = "Time taken by MC engine"
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def _check_extra_keys(instance: Any, attribute: Any, value: dict) -> None:
+    for key, val in value.items():
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise ValueError(f"extra_keys: {key!r} is not a Moqui key (letters, digits, _ . -; no spaces)")
+        if "\n" in str(val) or "\r" in str(val):
+            raise ValueError(f"extra_keys.{key}: the value must be one line")
+
+
+@attrs.frozen
+class MoquiSettings:
+    """``workers.<prepare>.settings`` of the ``moqui`` interpreter."""
+
+    #: dose file format Moqui writes: raw, mhd or dcm (``OutputFormat``)
+    output_format: Literal["raw", "mhd", "dcm"] = attrs.field(
+        default="raw", validator=attrs.validators.in_(("raw", "mhd", "dcm")))
+    #: ``RandomSeed`` of the Monte Carlo engine
+    random_seed: int = 1
+    #: replace patient identifiers (plan and PlanInfo.txt) before anything is written to staging
+    deidentify: bool = True
+    #: extra ``Key value`` lines for the input file; a key that exists already is replaced
+    extra_keys: dict[str, str] = attrs.field(factory=dict, validator=_check_extra_keys)
+    #: ``GPUID`` written into the input file (the command usually selects the GPU with CUDA_VISIBLE_DEVICES)
+    gpu_id: int = 0
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def parse_plan_info(data: bytes | str) -> dict[str, str]:
+    """Parse PlanInfo.txt: ``KEY,VALUE`` per line (BOM, CRLF, blank lines and spaces tolerated;
+    the value is everything after the first comma). The first occurrence of a key wins."""
+    text = data.decode("utf-8-sig", errors="replace") if isinstance(data, bytes) else data.lstrip("\ufeff")
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(",")
+        key = key.strip()
+        if not sep or not key:
+            continue
+        out.setdefault(key, value.strip())
+    return out
+
+
+def deidentify_plan_info(data: bytes) -> bytes:
+    """Return PlanInfo.txt with the value of every ``*PATIENT*`` key replaced by ``ANON``
+    (line endings, BOM and other lines kept as they are)."""
+    bom = data.startswith(b"\xef\xbb\xbf")
+    text = data[3:].decode("utf-8", errors="surrogateescape") if bom else data.decode("utf-8", errors="surrogateescape")
+    out = []
+    for line in text.splitlines(keepends=True):
+        body = line.rstrip("\r\n")
+        ending = line[len(body):]
+        key, sep, _ = body.partition(",")
+        if sep and "PATIENT" in key.strip().upper():
+            body = f"{key},{ANON}"
+        out.append(body + ending)
+    result = "".join(out).encode("utf-8", errors="surrogateescape")
+    return (b"\xef\xbb\xbf" + result) if bom else result
+
+
+def _parse_int(value: str) -> Optional[int]:
+    try:
+        return int(value.strip())
+    except ValueError:
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a temporary file and ``os.replace``; skip when equal."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if target.is_file() and not target.is_symlink() and target.read_bytes() == data:
+            return
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _copy_atomic(source: Path, target: Path) -> None:
+    """Copy ``source`` (data and mtime) unless ``target`` already has its size and mtime."""
+    st = source.stat()
+    try:
+        tt = target.stat()
+        if not target.is_symlink() and tt.st_size == st.st_size and tt.st_mtime_ns == st.st_mtime_ns:
+            return
+    except FileNotFoundError:
+        pass
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _remote_join(remote_dir: str, *parts: str) -> str:
+    base = remote_dir.rstrip("/") or "/"
+    return posixpath.join(base, *parts)
+
+
+def _find_plan_file(case_dir: Path) -> Path:
+    candidates = sorted(
+        entry for entry in case_dir.iterdir()
+        if entry.name.upper().startswith("RP") and entry.name.lower().endswith(".dcm")
+        and not entry.is_symlink() and entry.is_file()
+    )
+    if not candidates:
+        raise CaseRejected(
+            "no RT Ion Plan (RP*.dcm) in the case folder; export the plan from the TPS as RP<...>.dcm "
+            "into the top of the case folder, then retry the case"
+        )
+    if len(candidates) > 1:
+        raise CaseRejected(
+            f"{len(candidates)} files match RP*.dcm in the case folder, expected exactly one RT Ion Plan; "
+            "keep only the plan that was delivered, then retry the case"
+        )
+    return candidates[0]
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Silence pydicom's warnings and log lines while reading: they carry the file path, and the
+    case folder name may be a patient identifier."""
+    logger = logging.getLogger("pydicom")
+    was_disabled = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = was_disabled
+
+
+def read_plan(path: Path) -> Any:
+    """Read ``path`` with pydicom and check that it is an RT Ion Plan; raise CaseRejected otherwise."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(str(path))
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CaseRejected(
+            f"the RT Ion Plan file (RP*.dcm) is not readable DICOM ({type(exc).__name__}); "
+            "export the plan again from the TPS, then retry the case"
+        ) from None
+    except Exception as exc:  # pydicom raises a zoo of errors on corrupt files
+        raise CaseRejected(
+            f"the RT Ion Plan file (RP*.dcm) could not be read ({type(exc).__name__}); "
+            "export the plan again from the TPS, then retry the case"
+        ) from None
+    meta = getattr(ds, "file_meta", None)
+    sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+    modality = str(ds.get("Modality", ""))
+    if sop_class == RT_PLAN_SOP_CLASS:
+        raise CaseRejected(
+            "the RP*.dcm file is a photon/electron RT Plan, not an RT Ion Plan "
+            f"(SOP class {RT_PLAN_SOP_CLASS}); Moqui needs the proton plan (SOP class {RT_ION_PLAN_SOP_CLASS})"
+        )
+    if sop_class != RT_ION_PLAN_SOP_CLASS or modality != "RTPLAN":
+        raise CaseRejected(
+            f"the RP*.dcm file is not an RT Ion Plan: expected Modality RTPLAN and SOP class "
+            f"{RT_ION_PLAN_SOP_CLASS}, found Modality {modality or '(none)'} and SOP class {sop_class or '(none)'}; "
+            "export the RT Ion Plan from the TPS, then retry the case"
+        )
+    return ds
+
+
+def deidentify_dataset(ds: Any) -> None:
+    """Replace or remove the patient identifiers of a pydicom dataset (top level), in place."""
+    for keyword in DEID_REPLACE:
+        if keyword in ds:
+            setattr(ds, keyword, ANON)
+    for keyword in DEID_REMOVE:
+        if keyword in ds:
+            delattr(ds, keyword)
+
+
+def _delivery_folders(case_dir: Path) -> list[tuple[str, dict[str, str]]]:
+    found = []
+    for entry in sorted(case_dir.iterdir(), key=lambda e: e.name):
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        info_file = entry / PLAN_INFO
+        if info_file.is_symlink() or not info_file.is_file():
+            continue
+        try:
+            data = info_file.read_bytes()
+        except OSError as exc:
+            raise CaseRejected(f"delivery folder {entry.name}: {PLAN_INFO} is not readable ({exc.strerror})") from None
+        found.append((entry.name, parse_plan_info(data)))
+    return found
+
+
+# ------------------------------------------------------------------------------ interpreter
+
+
+class MoquiInterpreter(Interpreter):
+    """RT Ion Plan interpreter for Moqui: treatment beams, delivery folders, ``moqui_tps_<n>.in``."""
+
+    name = "moqui"
+    settings_class = MoquiSettings
+
+    def __init__(self, settings: Optional[MoquiSettings] = None, context: Any = None) -> None:
+        super().__init__(settings if settings is not None else MoquiSettings(), context)
+
+    # -- interpret ------------------------------------------------------------------
+
+    def interpret(self, case_dir: Path) -> CasePlan:
+        case_dir = Path(case_dir)
+        if not case_dir.is_dir():
+            raise CaseRejected("the case folder does not exist or is not a folder")
+        ds = read_plan(_find_plan_file(case_dir))
+        ion_beams = ds.get("IonBeamSequence")
+        if not ion_beams:
+            raise CaseRejected("the RT Ion Plan has no IonBeamSequence (no beams); export the complete plan")
+        treatment: dict[int, str] = {}
+        setup: list[int] = []
+        machines: list[str] = []
+        seen: set[int] = set()
+        for item in ion_beams:
+            number = item.get("BeamNumber")
+            if number is None:
+                raise CaseRejected("a beam of the RT Ion Plan has no BeamNumber; export the plan again")
+            number = int(number)
+            if number in seen:
+                raise CaseRejected(f"the RT Ion Plan lists beam number {number} twice; export the plan again")
+            seen.add(number)
+            delivery_type = str(item.get("TreatmentDeliveryType", "TREATMENT") or "TREATMENT").upper()
+            if delivery_type == "TREATMENT":
+                treatment[number] = str(item.get("BeamName", "") or "")
+                machine = str(item.get("TreatmentMachineName", "") or "")
+                if machine and machine not in machines:
+                    machines.append(machine)
+            else:
+                setup.append(number)
+        if not treatment:
+            raise CaseRejected(
+                f"the RT Ion Plan has no treatment beam (TreatmentDeliveryType TREATMENT); "
+                f"{len(setup)} setup/other beam(s) only; nothing to simulate"
+            )
+
+        deliveries: dict[int, str] = {}
+        ignored: list[str] = []
+        for folder, values in _delivery_folders(case_dir):
+            raw = values.get(BEAM_NUMBER_KEY)
+            number = _parse_int(raw) if raw is not None else None
+            if number is None:
+                ignored.append(f"{folder}: {PLAN_INFO} has no valid {BEAM_NUMBER_KEY}")
+                continue
+            if number not in treatment:
+                kind = "a setup beam" if number in setup else "not a beam of the plan"
+                ignored.append(f"{folder}: beam {number} is {kind}")
+                continue
+            if number in deliveries:
+                raise CaseRejected(
+                    f"two delivery folders name beam {number} ({deliveries[number]} and {folder}); "
+                    "remove the one that is not the delivery to check, then retry the case"
+                )
+            deliveries[number] = folder
+        for note in ignored:
+            log.info("moqui: ignored delivery folder %s", note)
+
+        beams = [BeamPlan(number=n, name=treatment[n], delivery_dir=deliveries.get(n)) for n in sorted(treatment)]
+        missing = [n for n in sorted(treatment) if n not in deliveries]
+        info: dict[str, Any] = {
+            "plan_label": str(ds.get("RTPlanLabel", "") or ""),
+            "treatment_machine": ", ".join(machines),
+            "treatment_beams": len(treatment),
+            "setup_beams": len(setup),
+            "deliveries": len(deliveries),
+        }
+        if ignored:
+            info["ignored_deliveries"] = ignored
+        return CasePlan(beams=beams, missing=missing, info=info)
+
+    # -- prepare --------------------------------------------------------------------
+
+    def prepare(self, case_dir: Path, plan: CasePlan, staging_dir: Path, remote_dir: str) -> dict[int, str]:
+        case_dir = Path(case_dir)
+        staging_dir = Path(staging_dir)
+        settings: MoquiSettings = self.settings
+        plan_file = _find_plan_file(case_dir)
+        if settings.deidentify:
+            from pydicom.filebase import DicomBytesIO
+
+            ds = read_plan(plan_file)
+            deidentify_dataset(ds)
+            buffer = DicomBytesIO()
+            save_dataset(ds, buffer)
+            _write_atomic(staging_dir / "dicom" / "RTPLAN.dcm", buffer.getvalue())
+        else:
+            read_plan(plan_file)
+            _write_atomic(staging_dir / "dicom" / "RTPLAN.dcm", plan_file.read_bytes())
+
+        inputs: dict[int, str] = {}
+        for beam in plan.beams:
+            if beam.delivery_dir is None:
+                raise CaseRejected(f"beam {beam.number} has no delivery folder; the case is incomplete")
+            source = case_dir / beam.delivery_dir
+            if (Path(beam.delivery_dir).name != beam.delivery_dir or beam.delivery_dir in (".", "..")
+                    or source.is_symlink() or not source.is_dir()):
+                raise CaseRejected(f"the delivery folder of beam {beam.number} ({beam.delivery_dir}) is gone "
+                                   "or is not a folder inside the case; retry the case")
+            beam_stage = staging_dir / "beams" / str(beam.number)
+            self._copy_delivery(source, beam_stage / "logs")
+            relative = f"beams/{beam.number}/moqui_tps_{beam.number}.in"
+            _write_atomic(staging_dir / relative, self.input_text(beam.number, remote_dir).encode("utf-8"))
+            inputs[beam.number] = relative
+        return inputs
+
+    def input_text(self, beam_number: int, remote_dir: str) -> str:
+        """The ``moqui_tps_<n>.in`` content for one beam; paths refer to ``remote_dir`` (POSIX)."""
+        s: MoquiSettings = self.settings
+        beam_remote = _remote_join(remote_dir, "beams", str(beam_number))
+        keys: dict[str, str] = {
+            "GPUID": str(s.gpu_id),
+            "RandomSeed": str(s.random_seed),
+            "ParentDir": remote_dir.rstrip("/") or "/",
+            "DicomPath": _remote_join(remote_dir, "dicom"),
+            "logFilePath": posixpath.join(beam_remote, "logs"),
+            "BeamNumbers": str(beam_number),
+            "OutputDir": posixpath.join(beam_remote, "output"),
+            "OutputFormat": s.output_format,
+            "SourceType": "FluenceMap",
+            "SimulationType": "perBeam",
+        }
+        for key, value in s.extra_keys.items():
+            keys[key] = str(value)
+        return "".join(f"{key} {value}\n" for key, value in keys.items())
+
+    def _copy_delivery(self, source: Path, target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        for root, dirs, files in os.walk(source, followlinks=False):
+            root_path = Path(root)
+            dirs[:] = sorted(d for d in dirs if not (root_path / d).is_symlink())
+            rel = root_path.relative_to(source)
+            for name in sorted(files):
+                src = root_path / name
+                if src.is_symlink() or not src.is_file():
+                    continue
+                dst = target / rel / name
+                if rel == Path(".") and name == PLAN_INFO and self.settings.deidentify:
+                    _write_atomic(dst, deidentify_plan_info(src.read_bytes()))
+                else:
+                    _copy_atomic(src, dst)
+
+    # -- parse_log ------------------------------------------------------------------
+
+    def parse_log(self, text: str) -> LogVerdict:
+        return judge_log(text)
+
+    def check(self) -> list[str]:
+        try:
+            import pydicom  # noqa: F401
+        except ImportError:
+            return ["pydicom is not installed; install mqi-moqui with its dependencies (pip install mqi-moqui)"]
+        return []
+
+
+def save_dataset(ds: Any, target: Any) -> None:
+    """``ds.save_as`` for pydicom 2.4 and 3.x, keeping the file meta and transfer syntax."""
+    try:
+        ds.save_as(target, enforce_file_format=True)
+    except TypeError:  # pydicom 2.x
+        ds.save_as(target, write_like_original=False)
+
+
+def judge_log(text: str) -> LogVerdict:
+    """Judge a Moqui log (or its tail): failure markers win, then the success marker, else unknown."""
+    progress: Optional[float] = None
+    for match in _PROGRESS.finditer(text):
+        done, total = int(match.group(1)), int(match.group(2))
+        if total > 0:
+            progress = max(0.0, min(1.0, done / total))
+    for line in text.splitlines():
+        if any(marker in line for marker in FAILURE_MARKERS):
+            return LogVerdict("failure", line.strip()[:500], progress)
+    if SUCCESS_MARKER in text:
+        return LogVerdict("success", "", 1.0)
+    return LogVerdict("unknown", "", progress)

@@ -1,0 +1,243 @@
+"""Sample case folders: a valid RT Ion Plan, delivery folders with PlanInfo.txt and machine logs.
+
+Everything is fake and deterministic for a given ``seed`` (two calls with the same seed write
+the same plan, folder names and bytes). The patient is fake too, but has an id and a name so
+that de-identification can be tested: :func:`fake_patient_id` tells which.
+
+``mqi-sample-case INBOX --cases 3`` writes three cases into INBOX.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import random
+import sys
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
+READY_MARKER = "_CASE_READY"
+_BASE_TIME = dt.datetime(2025, 4, 24, 1, 44, 8)
+
+
+def fake_patient_id(seed: int) -> str:
+    """The PatientID written into the sample plan and PlanInfo.txt files of ``seed``."""
+    return f"FAKEPID{seed:05d}"
+
+
+def fake_patient_name(seed: int) -> str:
+    return f"FAKEPATIENT^SAMPLE{seed}"
+
+
+def _check_case_id(case_id: str) -> None:
+    if not case_id or case_id in (".", "..") or "/" in case_id or "\0" in case_id or "\\" in case_id:
+        raise ValueError(f"case id {case_id!r} must be a single folder name (no '/', not '.' or '..')")
+
+
+def _plan_dataset(case_id: str, seed: int, treatment_beams: int, setup_beams: int) -> "object":
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    def uid(*parts: object) -> str:
+        return generate_uid(entropy_srcs=["mqi-moqui-sample", str(seed), *map(str, parts)])
+
+    rng = random.Random(seed)
+    sop_instance = uid("plan")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RT_ION_PLAN_SOP_CLASS
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.preamble = b"\0" * 128
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID = RT_ION_PLAN_SOP_CLASS
+    ds.SOPInstanceUID = sop_instance
+    ds.StudyInstanceUID = uid("study")
+    ds.SeriesInstanceUID = uid("series")
+    ds.FrameOfReferenceUID = uid("for")
+    ds.Modality = "RTPLAN"
+    ds.Manufacturer = "MQI sample generator"
+    ds.PatientName = fake_patient_name(seed)
+    ds.PatientID = fake_patient_id(seed)
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.OtherPatientIDs = f"FAKEOTHER{seed:05d}"
+    ds.StudyDate = ds.RTPlanDate = _BASE_TIME.strftime("%Y%m%d")
+    ds.StudyTime = ds.RTPlanTime = _BASE_TIME.strftime("%H%M%S")
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.RTPlanLabel = f"QA{seed}"
+    ds.RTPlanName = "Sample proton plan"
+    ds.RTPlanGeometry = "PATIENT"
+
+    beams = []
+    referenced = []
+    total = treatment_beams + setup_beams
+    for index in range(total):
+        number = index + 1
+        is_treatment = index < treatment_beams
+        gantry = float((index * 90 + rng.choice((0, 10, 20))) % 360)
+        beam = Dataset()
+        beam.BeamNumber = number
+        beam.BeamName = f"G{int(gantry):03d}" if is_treatment else f"SETUP{number}"
+        beam.BeamType = "STATIC"
+        beam.RadiationType = "PROTON"
+        beam.TreatmentDeliveryType = "TREATMENT" if is_treatment else "SETUP"
+        beam.TreatmentMachineName = "G1"
+        beam.PrimaryDosimeterUnit = "MU"
+        beam.ScanMode = "MODULATED"
+        beam.NumberOfWedges = 0
+        beam.NumberOfCompensators = 0
+        beam.NumberOfBoli = 0
+        beam.NumberOfBlocks = 0
+        beam.NumberOfRangeShifters = 0
+        beam.NumberOfLateralSpreadingDevices = 0
+        beam.NumberOfRangeModulators = 0
+        beam.PatientSupportType = "TABLE"
+        beam.FinalCumulativeMetersetWeight = 1.0 if is_treatment else 0.0
+        points = []
+        if is_treatment:
+            energy = round(rng.uniform(100.0, 180.0), 1)
+            spots = 4
+            for cp_index, weight in enumerate((0.0, 1.0)):
+                cp = Dataset()
+                cp.ControlPointIndex = cp_index
+                cp.NominalBeamEnergy = energy
+                cp.CumulativeMetersetWeight = weight
+                cp.ScanSpotTuneID = "3.0"
+                cp.NumberOfScanSpotPositions = spots
+                cp.ScanSpotPositionMap = [-10.0, -10.0, 10.0, -10.0, -10.0, 10.0, 10.0, 10.0]
+                cp.ScanSpotMetersetWeights = [0.25] * spots if cp_index == 0 else [0.0] * spots
+                cp.ScanningSpotSize = [5.0, 5.0]
+                cp.NumberOfPaintings = 1
+                if cp_index == 0:
+                    cp.GantryAngle = gantry
+                    cp.GantryRotationDirection = "NONE"
+                    cp.PatientSupportAngle = 0.0
+                    cp.IsocenterPosition = [0.0, 0.0, 0.0]
+                    cp.SnoutPosition = 300.0
+                points.append(cp)
+            ref = Dataset()
+            ref.ReferencedBeamNumber = number
+            ref.BeamMeterset = round(rng.uniform(50.0, 150.0), 3)
+            referenced.append(ref)
+        beam.NumberOfControlPoints = len(points)
+        beam.IonControlPointSequence = DicomSequence(points)
+        beams.append(beam)
+    ds.IonBeamSequence = DicomSequence(beams)
+    fraction = Dataset()
+    fraction.FractionGroupNumber = 1
+    fraction.NumberOfFractionsPlanned = 30
+    fraction.NumberOfBeams = treatment_beams
+    fraction.NumberOfBrachyApplicationSetups = 0
+    fraction.ReferencedBeamSequence = DicomSequence(referenced)
+    ds.FractionGroupSequence = DicomSequence([fraction])
+    return ds
+
+
+def delivery_folder_name(seed: int, beam: int) -> str:
+    """The timestamp-like delivery folder name of ``beam`` for ``seed`` (e.g. ``2025042401440800``)."""
+    moment = _BASE_TIME + dt.timedelta(days=seed, minutes=7 * (beam - 1))
+    return moment.strftime("%Y%m%d%H%M%S") + "00"
+
+
+def generate_case(
+    inbox: Path,
+    case_id: str,
+    *,
+    treatment_beams: int = 3,
+    setup_beams: int = 1,
+    missing_beams: Iterable[int] = (),
+    seed: int = 0,
+    ready_marker: bool = True,
+    log_bytes: int = 4096,
+) -> Path:
+    """Write a sample case folder ``inbox/case_id`` and return its path.
+
+    Beams 1..treatment_beams are treatment beams, the following ``setup_beams`` are setup
+    beams; each treatment beam not in ``missing_beams`` gets a delivery folder with
+    PlanInfo.txt, one ``*.ptn`` and one ``*.mgn`` file (``log_bytes`` bytes in all).
+    ``_CASE_READY`` is written last when ``ready_marker``. ``case_id`` is only a folder name.
+    """
+    from mqi_moqui.interpreter import save_dataset
+
+    _check_case_id(case_id)
+    if treatment_beams < 0 or setup_beams < 0:
+        raise ValueError("treatment_beams and setup_beams must not be negative")
+    missing = set(int(b) for b in missing_beams)
+    case_dir = Path(inbox) / case_id
+    case_dir.mkdir(parents=True, exist_ok=True)
+    ds = _plan_dataset(case_id, seed, treatment_beams, setup_beams)
+    save_dataset(ds, str(case_dir / f"RP.{ds.SOPInstanceUID}.dcm"))
+
+    rng = random.Random(f"mqi-moqui-sample-logs-{seed}")
+    for beam in range(1, treatment_beams + 1):
+        if beam in missing:
+            continue
+        folder = case_dir / delivery_folder_name(seed, beam)
+        folder.mkdir(exist_ok=True)
+        moment = _BASE_TIME + dt.timedelta(days=seed, minutes=7 * (beam - 1))
+        lines = [
+            f"DICOM_PATIENT_ID,{fake_patient_id(seed)}",
+            f"DICOM_BEAM_NUMBER,{beam}",
+            f"DICOM_BEAM_NAME,{ds.IonBeamSequence[beam - 1].BeamName}",
+            f"DICOM_RTPLAN_LABEL,{ds.RTPlanLabel}",
+            f"TCSC_IRRAD_DATETIME,{moment.strftime('%Y-%m-%d %H:%M:%S')}",
+            "TCSC_MACHINE,G1",
+            "TCSC_COMMENT,sample delivery, generated by mqi-moqui",
+        ]
+        (folder / "PlanInfo.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        ptn_size = max(0, log_bytes) * 3 // 4
+        mgn_size = max(0, log_bytes) - ptn_size
+        stem = f"{moment.strftime('%Y%m%d_%H%M%S')}_beam{beam}"
+        (folder / f"{stem}_0001.ptn").write_bytes(rng.randbytes(ptn_size))
+        (folder / f"{stem}_0001.mgn").write_bytes(rng.randbytes(mgn_size))
+    if ready_marker:
+        (case_dir / READY_MARKER).write_text("", encoding="utf-8")
+    return case_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mqi-sample-case",
+        description="Write sample proton-therapy case folders (fake patient, valid RT Ion Plan, "
+                    "delivery folders with PlanInfo.txt and machine logs) into INBOX.",
+    )
+    parser.add_argument("inbox", type=Path, help="folder to write the case folders into (created if missing)")
+    parser.add_argument("--cases", type=int, default=1, help="how many cases (default 1)")
+    parser.add_argument("--prefix", default="CASE-", help="case folder name prefix (default CASE-); names are PREFIX001, ...")
+    parser.add_argument("--name", help="exact folder name of a single case (overrides --prefix; needs --cases 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first case; case i uses SEED+i-1 (default 0)")
+    parser.add_argument("--treatment-beams", type=int, default=3, help="treatment beams per case (default 3)")
+    parser.add_argument("--setup-beams", type=int, default=1, help="setup beams per case (default 1)")
+    parser.add_argument("--missing-beam", type=int, action="append", default=[], metavar="N",
+                        help="leave out the delivery folder of treatment beam N (repeatable)")
+    parser.add_argument("--no-ready-marker", action="store_true", help="do not write _CASE_READY")
+    parser.add_argument("--log-bytes", type=int, default=4096, help="bytes of fake machine log per beam (default 4096)")
+    args = parser.parse_args(argv)
+    if args.cases < 1:
+        parser.error("--cases must be at least 1")
+    if args.name is not None and args.cases != 1:
+        parser.error("--name writes one case; leave --cases at 1")
+    for i in range(1, args.cases + 1):
+        case_id = args.name if args.name is not None else f"{args.prefix}{i:03d}"
+        try:
+            path = generate_case(args.inbox, case_id, treatment_beams=args.treatment_beams,
+                                 setup_beams=args.setup_beams, missing_beams=args.missing_beam,
+                                 seed=args.seed + i - 1, ready_marker=not args.no_ready_marker,
+                                 log_bytes=args.log_bytes)
+        except (ValueError, OSError) as exc:
+            print(f"mqi-sample-case: error: {exc}", file=sys.stderr)
+            return 2
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""prepare(): the staged tree, remote paths, idempotency and de-identification."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings, deidentify_plan_info
+from mqi_moqui.samples import delivery_folder_name, fake_patient_id, fake_patient_name, generate_case
+
+REMOTE = "/data/mqi remote/case-000001"
+
+
+def staged_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_input(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(" ")
+        assert key not in out, f"{key} written twice"
+        out[key] = value
+    return out
+
+
+def test_prepare_writes_inputs_with_remote_paths(inbox, tmp_path, interpreter):
+    case = generate_case(inbox, "CASE", seed=1)
+    plan = interpreter.interpret(case)
+    staging = tmp_path / "staging"
+    inputs = interpreter.prepare(case, plan, staging, REMOTE)
+    assert inputs == {n: f"beams/{n}/moqui_tps_{n}.in" for n in (1, 2, 3)}
+    assert (staging / "dicom" / "RTPLAN.dcm").is_file()
+    for n, rel in inputs.items():
+        values = read_input(staging / rel)
+        assert values == {
+            "GPUID": "0",
+            "RandomSeed": "1",
+            "ParentDir": REMOTE,
+            "DicomPath": f"{REMOTE}/dicom",
+            "logFilePath": f"{REMOTE}/beams/{n}/logs",
+            "BeamNumbers": str(n),
+            "OutputDir": f"{REMOTE}/beams/{n}/output",
+            "OutputFormat": "raw",
+            "SourceType": "FluenceMap",
+            "SimulationType": "perBeam",
+        }
+        logs = staging / "beams" / str(n) / "logs"
+        source = case / delivery_folder_name(1, n)
+        assert sorted(p.name for p in logs.iterdir()) == sorted(p.name for p in source.iterdir())
+        for ext in ("*.ptn", "*.mgn"):
+            [src] = source.glob(ext)
+            assert (logs / src.name).read_bytes() == src.read_bytes()
+    assert not (staging / "beams" / "4").exists()  # the setup beam
+    assert not list(staging.rglob("*.part"))
+
+
+def test_settings_reach_the_input_file(inbox, tmp_path):
+    interp = MoquiInterpreter(MoquiSettings(output_format="mhd", random_seed=42, gpu_id=3,
+                                            extra_keys={"Scorer": "Dose", "RandomSeed": "7"}), None)
+    case = generate_case(inbox, "CASE", seed=1)
+    staging = tmp_path / "staging"
+    inputs = interp.prepare(case, interp.interpret(case), staging, "/remote/c1/")
+    values = read_input(staging / inputs[2])
+    assert values["OutputFormat"] == "mhd" and values["GPUID"] == "3" and values["Scorer"] == "Dose"
+    assert values["RandomSeed"] == "7"  # extra_keys replace, never duplicate
+    assert values["ParentDir"] == "/remote/c1" and values["DicomPath"] == "/remote/c1/dicom"
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError):
+        MoquiSettings(output_format="nifti")
+    with pytest.raises(ValueError):
+        MoquiSettings(extra_keys={"two words": "x"})
+    with pytest.raises(ValueError):
+        MoquiSettings(extra_keys={"Key": "line\nInjected 1"})
+    s = MoquiSettings()
+    assert (s.output_format, s.random_seed, s.deidentify, s.extra_keys, s.gpu_id) == ("raw", 1, True, {}, 0)
+
+
+def test_prepare_is_idempotent(inbox, tmp_path, interpreter):
+    case = generate_case(inbox, "CASE", seed=1)
+    plan = interpreter.interpret(case)
+    staging = tmp_path / "staging"
+    first = interpreter.prepare(case, plan, staging, REMOTE)
+    before = staged_files(staging)
+    mtimes = {p: p.stat().st_mtime_ns for p in staging.rglob("*") if p.is_file()}
+    second = interpreter.prepare(case, plan, staging, REMOTE)
+    assert first == second
+    assert staged_files(staging) == before
+    assert {p: p.stat().st_mtime_ns for p in staging.rglob("*") if p.is_file()} == mtimes  # nothing rewritten
+    # a damaged staged file (e.g. a crash of another tool) is repaired by a re-run
+    damaged = staging / "beams" / "1" / "moqui_tps_1.in"
+    damaged.write_text("GPUID 0\n")
+    log = next((staging / "beams" / "1" / "logs").glob("*.ptn"))
+    log.write_bytes(b"x")
+    interpreter.prepare(case, plan, staging, REMOTE)
+    assert staged_files(staging) == before
+
+
+def test_deidentification_removes_patient_identifiers(inbox, tmp_path, interpreter):
+    case = generate_case(inbox, "CASE", seed=11)
+    pid, pname = fake_patient_id(11).encode(), fake_patient_name(11).encode()
+    assert pid in next(case.glob("RP*.dcm")).read_bytes()
+    assert pid in (case / delivery_folder_name(11, 1) / "PlanInfo.txt").read_bytes()
+    staging = tmp_path / "staging"
+    interpreter.prepare(case, interpreter.interpret(case), staging, REMOTE)
+    for rel, data in staged_files(staging).items():
+        assert pid not in data, rel
+        assert pname not in data and b"FAKEPATIENT" not in data and b"FAKEOTHER" not in data, rel
+    ds = pydicom.dcmread(staging / "dicom" / "RTPLAN.dcm")
+    assert ds.PatientID == "ANON" and str(ds.PatientName) == "ANON"
+    assert "PatientBirthDate" not in ds and "OtherPatientIDs" not in ds
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.8" and len(ds.IonBeamSequence) == 4
+    planinfo = (staging / "beams" / "1" / "logs" / "PlanInfo.txt").read_text()
+    assert "DICOM_PATIENT_ID,ANON" in planinfo and "DICOM_BEAM_NUMBER,1" in planinfo
+    assert interpreter.interpret(case)  # the case folder itself is untouched
+    assert pid in next(case.glob("RP*.dcm")).read_bytes()
+
+
+def test_deidentify_false_copies_as_is(inbox, tmp_path):
+    interp = MoquiInterpreter(MoquiSettings(deidentify=False), None)
+    case = generate_case(inbox, "CASE", seed=11)
+    staging = tmp_path / "staging"
+    interp.prepare(case, interp.interpret(case), staging, REMOTE)
+    assert (staging / "dicom" / "RTPLAN.dcm").read_bytes() == next(case.glob("RP*.dcm")).read_bytes()
+    assert fake_patient_id(11).encode() in (staging / "beams" / "1" / "logs" / "PlanInfo.txt").read_bytes()
+
+
+def test_deidentify_plan_info_keeps_layout():
+    data = "\ufeffDICOM_PATIENT_ID,P123\r\nDICOM_PATIENT_NAME , Doe^J\r\n\r\nDICOM_BEAM_NUMBER,2\r\n".encode()
+    out = deidentify_plan_info(data)
+    assert out == "\ufeffDICOM_PATIENT_ID,ANON\r\nDICOM_PATIENT_NAME ,ANON\r\n\r\nDICOM_BEAM_NUMBER,2\r\n".encode()
+
+
+def test_subfolders_are_copied_and_symlinks_skipped(inbox, tmp_path, interpreter):
+    case = generate_case(inbox, "CASE", seed=1)
+    delivery = case / delivery_folder_name(1, 1)
+    (delivery / "sub").mkdir()
+    (delivery / "sub" / "extra.ptn").write_bytes(b"\x01\x02")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    os.symlink(secret, delivery / "link.txt")
+    os.symlink(tmp_path, delivery / "linkdir")
+    staging = tmp_path / "staging"
+    interpreter.prepare(case, interpreter.interpret(case), staging, REMOTE)
+    logs = staging / "beams" / "1" / "logs"
+    assert (logs / "sub" / "extra.ptn").read_bytes() == b"\x01\x02"
+    assert not (logs / "link.txt").exists() and not (logs / "linkdir").exists()
