@@ -157,6 +157,7 @@ class JobStatus:
     state: JobState
     exit_code: Optional[int] = None
     message: str = ""
+    timed_out: bool = False  # the job ran past JobSpec.timeout and its process group was killed
 
 
 class Executor(Plugin):

@@ -1,0 +1,533 @@
+"""The conductor: the state machine that moves cases and beams through the workflow.
+
+Events come in (from workers, over the broker); each is applied in ONE SQLite
+transaction that changes state and writes the commands it causes into the outbox; the
+outbox is then relayed to the broker. Duplicated events are ignored (their message ids
+are remembered), and results of a superseded attempt are recorded but change nothing.
+
+Case states (``docs/states.md``): ``detected`` → one state per workflow step (its
+``state:`` label, e.g. ``preparing``, ``uploading``, ``running``, ``downloading``,
+``postprocessing``) → ``done``; on the side ``incomplete`` (waits for missing beams),
+``cancelling``; final: ``done``, ``failed``, ``rejected``, ``cancelled``.
+
+Beam states: ``missing`` (no delivery yet), ``pending``, ``queued`` (waiting for a GPU),
+the label of the per-beam step it is in, ``waiting`` (between per-beam steps),
+``retrying``, and final ``done``, ``failed``, ``cancelled``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import random
+import shlex
+import sqlite3
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from mqi_framework.broker.base import Broker
+from mqi_framework.config import LoadedConfig, StepConfig
+from mqi_framework.store import transaction
+from mqi_framework.store import records as rec
+
+log = logging.getLogger(__name__)
+
+EVENTS_QUEUE = "mqi.events"
+FINAL = rec.FINAL_CASE_STATES
+IN_FLIGHT = rec.IN_FLIGHT_STEP_STATES
+
+
+def command_queue(worker: str) -> str:
+    return f"mqi.{worker}"
+
+
+class ConductorError(Exception):
+    """A steering request (retry, cancel) that cannot be applied; the message says why."""
+
+
+class Conductor:
+    """Applies events and steering requests to the state database."""
+
+    def __init__(
+        self, loaded: LoadedConfig, conn: sqlite3.Connection, *, broker: Optional[Broker] = None,
+        notify: Optional[Callable[..., Any]] = None, clock: Callable[[], float] = time.time,
+        rng: Optional[random.Random] = None, actor: str = "conductor",
+    ) -> None:
+        self.loaded = loaded
+        self.cfg = loaded.config
+        self.steps: list[StepConfig] = loaded.config.workflow.steps
+        self.conn = conn
+        self.broker = broker
+        self.notify = notify
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.actor = actor
+        self._changes: list[tuple[str, str, str, dict]] = []
+
+    # ================================================================ entry points
+
+    def handle_event(self, body: dict, message_id: str) -> None:
+        """Apply one worker event in one transaction (idempotent by message id)."""
+        with transaction(self.conn):
+            if self.conn.execute("SELECT 1 FROM processed_messages WHERE message_id = ?", (message_id,)).fetchone():
+                log.info("duplicate event %s ignored", message_id)
+                return
+            self.conn.execute("INSERT INTO processed_messages(message_id, at) VALUES (?, ?)",
+                              (message_id, self.clock()))
+            kind = body.get("type")
+            handler = {
+                "case.seen": self._on_case_seen,
+                "step.started": self._on_step_started,
+                "step.progress": self._on_step_progress,
+                "step.finished": self._on_step_finished,
+            }.get(kind)
+            if handler is None:
+                rec.add_event(self.conn, "event.unknown", f"unknown event type {kind!r} ignored")
+            else:
+                handler(body)
+        self._flush_notifications()
+
+    def tick(self) -> None:
+        """Housekeeping: re-check incomplete cases, flag old ones, dispatch what became possible."""
+        now = self.clock()
+        with transaction(self.conn):
+            rules = self.cfg.cases
+            for case in self.conn.execute(
+                "SELECT * FROM cases WHERE state = 'incomplete' AND attention = 0 AND incomplete_since <= ?",
+                (now - rules.incomplete_flag_after_seconds,),
+            ).fetchall():
+                self.conn.execute("UPDATE cases SET attention = 1, updated_at = ? WHERE id = ?", (now, case["id"]))
+                rec.add_event(self.conn, "case.flagged", f"incomplete for more than "
+                              f"{rules.incomplete_flag_after_seconds:.0f}s: {case['message']}", case_id=case["id"])
+                log.warning("%s flagged: %s", case["uid"], case["message"])
+            for case in self.conn.execute(
+                "SELECT * FROM cases WHERE state = 'incomplete' AND next_check_at <= ?", (now,)
+            ).fetchall():
+                self.conn.execute("UPDATE steps SET state = 'pending', max_attempt = attempt + ? "
+                                  "WHERE case_id = ? AND step_index = 0 AND beam_number = 0",
+                                  (self.steps[0].retry.max_attempts, case["id"]))
+                self._set_case(case, "detected", "re-checking for missing beams")
+            for case in self.conn.execute(
+                f"SELECT * FROM cases WHERE state NOT IN ({','.join('?' * len(FINAL))}) AND state != 'incomplete'",
+                FINAL,
+            ).fetchall():
+                self._advance(case["id"])
+        self._flush_notifications()
+
+    def relay_outbox(self, limit: int = 500) -> int:
+        """Publish unsent outbox rows (each confirmed by the broker), then mark them sent."""
+        if self.broker is None:
+            return 0
+        rows = self.conn.execute(
+            "SELECT id, queue, message_id, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        sent = 0
+        for row in rows:
+            self.broker.publish(row["queue"], json.loads(row["body"]), message_id=row["message_id"])
+            # A crash right here re-sends the message: consumers treat duplicates as no-ops.
+            self.conn.execute("UPDATE outbox SET sent_at = ? WHERE id = ?", (self.clock(), row["id"]))
+            sent += 1
+        return sent
+
+    # ---------------------------------------------------------------- steering
+
+    def cancel(self, ident: str, *, actor: str = "cli") -> str:
+        """Cancel a case: queued work is dropped, running jobs are killed by their workers."""
+        with transaction(self.conn):
+            case = self._find(ident)
+            if case["state"] in FINAL:
+                raise ConductorError(f"{case['uid']} is already {case['state']}; nothing to cancel")
+            now = self.clock()
+            self.conn.execute("UPDATE steps SET state = 'cancelled', finished_at = ? WHERE case_id = ? "
+                              "AND state IN ('pending', 'queued', 'waiting')", (now, case["id"]))
+            self.conn.execute("UPDATE steps SET state = 'cancelling' WHERE case_id = ? "
+                              "AND state IN ('dispatched', 'running')", (case["id"],))
+            rec.add_event(self.conn, "case.cancel", "cancel requested", case_id=case["id"], actor=actor)
+            self._set_case(case, "cancelling", f"cancel requested by {actor}")
+            self._advance(case["id"])
+            state = self._case(case["id"])["state"]
+        self._flush_notifications()
+        return state
+
+    def retry(self, ident: str, *, beam: Optional[int] = None, actor: str = "cli") -> str:
+        """Run the failed (or cancelled, rejected, incomplete) parts of a case again."""
+        with transaction(self.conn):
+            case = self._find(ident)
+            state = case["state"]
+            if state not in ("failed", "cancelled", "rejected", "incomplete"):
+                raise ConductorError(f"{case['uid']} is {state}; only failed, cancelled, rejected or incomplete "
+                                     f"cases can be retried")
+            now = self.clock()
+            if state in ("rejected", "incomplete") or case["step_index"] == 0:
+                if beam is not None:
+                    raise ConductorError(f"{case['uid']} has not got its beams yet; retry the whole case")
+                self.conn.execute("UPDATE steps SET state = 'pending', max_attempt = attempt + ?, "
+                                  "next_attempt_at = NULL WHERE case_id = ? AND step_index = 0",
+                                  (self.steps[0].retry.max_attempts, case["id"]))
+            else:
+                beam_filter, params = "", [case["id"]]
+                if beam is not None:
+                    if not self.conn.execute("SELECT 1 FROM beams WHERE case_id = ? AND number = ?",
+                                             (case["id"], beam)).fetchone():
+                        raise ConductorError(f"{case['uid']} has no beam {beam}")
+                    beam_filter, params = " AND beam_number = ?", [case["id"], beam]
+                for row in self.conn.execute(
+                    f"SELECT * FROM steps WHERE case_id = ? AND state IN ('failed', 'cancelled'){beam_filter}", params
+                ).fetchall():
+                    step = self.steps[row["step_index"]]
+                    self.conn.execute("UPDATE steps SET state = 'pending', max_attempt = attempt + ?, "
+                                      "next_attempt_at = NULL, message = '' WHERE id = ?",
+                                      (step.retry.max_attempts, row["id"]))
+                self.conn.execute(f"UPDATE beams SET state = 'pending', message = '', updated_at = ? "
+                                  f"WHERE case_id = ? AND state IN ('failed', 'cancelled'){beam_filter}",
+                                  [now] + params)
+            self.conn.execute("UPDATE cases SET attention = 0, finished_at = NULL, incomplete_since = NULL, "
+                              "next_check_at = NULL WHERE id = ?", (case["id"],))
+            rec.add_event(self.conn, "case.retry", f"retry requested{f' for beam {beam}' if beam else ''}",
+                          case_id=case["id"], actor=actor)
+            self._set_case(case, "detected" if case["step_index"] == 0 or state in ("rejected", "incomplete")
+                           else self.steps[case["step_index"]].label, f"retry requested by {actor}")
+            self._advance(case["id"])
+            new_state = self._case(case["id"])["state"]
+        self._flush_notifications()
+        return new_state
+
+    # ================================================================ event handlers
+
+    def _on_case_seen(self, body: dict) -> None:
+        name = body["name"]
+        if self.conn.execute("SELECT 1 FROM cases WHERE name = ?", (name,)).fetchone():
+            return  # a case is never picked up twice
+        now = self.clock()
+        cur = self.conn.execute(
+            "INSERT INTO cases(uid, name, inbox, path, state, detected_at, updated_at, info) "
+            "VALUES ('', ?, ?, ?, 'detected', ?, ?, '{}')",
+            (name, body["inbox"], body["path"], now, now),
+        )
+        case_id = cur.lastrowid
+        uid = rec.case_uid(case_id)
+        self.conn.execute("UPDATE cases SET uid = ? WHERE id = ?", (uid, case_id))
+        rec.add_event(self.conn, "case.detected", f"ready ({body.get('reason', '')})", case_id=case_id,
+                      actor=body.get("worker", "scan"))
+        log.info("%s detected (%s)", uid, body.get("reason", ""))
+        self._changes.append((uid, "", "detected", {"reason": body.get("reason", "")}))
+        self._advance(case_id)
+
+    def _on_step_started(self, body: dict) -> None:
+        row = self._step_for(body)
+        if row is None:
+            return
+        now = self.clock()
+        new_state = "cancelling" if row["state"] == "cancelling" else "running"
+        self.conn.execute("UPDATE steps SET state = ?, job = ?, started_at = COALESCE(started_at, ?) WHERE id = ?",
+                          (new_state, json.dumps(body.get("job")) if body.get("job") else None,
+                           body.get("at", now), row["id"]))
+        self.conn.execute("UPDATE attempts SET started_at = COALESCE(started_at, ?) WHERE step_id = ? AND attempt = ?",
+                          (body.get("at", now), row["id"], row["attempt"]))
+        rec.add_event(self.conn, "step.started", f"attempt {row['attempt']}", case_id=row["case_id"],
+                      beam=row["beam_number"] or None, step=row["name"], actor=body.get("worker", "worker"))
+
+    def _on_step_progress(self, body: dict) -> None:
+        row = self._step_for(body, quiet=True)
+        if row is None:
+            return
+        self.conn.execute("UPDATE steps SET progress = ?, progress_text = ? WHERE id = ?",
+                          (body.get("progress"), str(body.get("text", ""))[:200], row["id"]))
+
+    def _on_step_finished(self, body: dict) -> None:
+        row = self._step_for(body)
+        if row is None:
+            return
+        now = self.clock()
+        outcome = body.get("outcome", "failed")
+        message = str(body.get("message", ""))[:2000]
+        exit_code = body.get("exit_code")
+        step = self.steps[row["step_index"]]
+        beam = row["beam_number"] or None
+        had_gpu = rec.release_gpu(self.conn, row["id"])
+        self.conn.execute(
+            "UPDATE attempts SET finished_at = ?, outcome = ?, exit_code = ?, message = ?, log_tail = ? "
+            "WHERE step_id = ? AND attempt = ?",
+            (now, outcome, exit_code, message, str(body.get("log_tail", ""))[-4000:], row["id"], row["attempt"]),
+        )
+        rec.add_event(self.conn, f"step.{outcome}", message or f"attempt {row['attempt']}", case_id=row["case_id"],
+                      beam=beam, step=row["name"], actor=body.get("worker", "worker"),
+                      data={"exit_code": exit_code, "gpu_released": had_gpu})
+        case = self._case(row["case_id"])
+
+        if row["state"] == "cancelling" or outcome == "cancelled":
+            self._finish_step(row, "cancelled", message or "cancelled", exit_code)
+            if beam:
+                self._set_beam(row["case_id"], beam, "cancelled", message or "cancelled")
+        elif outcome == "ok":
+            self._finish_step(row, "done", message, exit_code, progress=1.0)
+            if row["step_index"] == 0 and not step.per_beam and self._is_interpreter(step):
+                self._apply_plan(case, body.get("data") or {})
+            elif beam:
+                self._set_beam(row["case_id"], beam, "waiting", "")
+        elif outcome == "incomplete":
+            self._finish_step(row, "pending", message, exit_code)
+            data = body.get("data") or {}
+            self._record_beams(case, data)
+            self.conn.execute(
+                "UPDATE cases SET incomplete_since = COALESCE(incomplete_since, ?), next_check_at = ?, info = ? "
+                "WHERE id = ?",
+                (now, now + self.cfg.cases.incomplete_recheck_seconds, json.dumps(data.get("info", {})), case["id"]),
+            )
+            self._set_case(case, "incomplete", message)
+        elif outcome == "rejected":
+            self._finish_step(row, "failed", message, exit_code)
+            self.conn.execute("UPDATE cases SET attention = 1 WHERE id = ?", (case["id"],))
+            self._set_case(case, "rejected", message, final=True)
+        else:  # failed: retry with backoff while the step's budget lasts
+            if row["attempt"] < row["max_attempt"] and not body.get("permanent"):
+                delay = self._backoff(step, row["attempt"])
+                self.conn.execute("UPDATE steps SET state = 'waiting', next_attempt_at = ?, message = ?, exit_code = ?, "
+                                  "job = NULL WHERE id = ?", (now + delay, message, exit_code, row["id"]))
+                rec.add_event(self.conn, "step.retry_scheduled", f"attempt {row['attempt'] + 1} in {delay:.1f}s",
+                              case_id=row["case_id"], beam=beam, step=row["name"])
+                if beam:
+                    self._set_beam(row["case_id"], beam, "retrying", message)
+            else:
+                self._finish_step(row, "failed", message, exit_code)
+                if beam:
+                    self._set_beam(row["case_id"], beam, "failed", message)
+                log.warning("%s %s%s failed for good: %s", case["uid"], row["name"],
+                            f" beam {beam}" if beam else "", message)
+        self._advance(row["case_id"])
+
+    # ================================================================ the state machine
+
+    def _advance(self, case_id: int) -> None:
+        case = self._case(case_id)
+        state = case["state"]
+        if state in FINAL or state == "incomplete":
+            return
+        in_flight = self._count_steps(case_id, IN_FLIGHT)
+        if state == "cancelling":
+            if in_flight == 0:
+                self._finalise_beams(case_id, "cancelled", "case cancelled")
+                self._set_case(case, "cancelled", "cancelled", final=True)
+            return
+        index = case["step_index"]
+        while index < len(self.steps):
+            step = self.steps[index]
+            rows = self._ensure_step_rows(case, index, step)
+            states = [r["state"] for r in rows]
+            if rows and all(s == "done" for s in states):
+                index += 1
+                self.conn.execute("UPDATE cases SET step_index = ? WHERE id = ?", (index, case_id))
+                continue
+            if "failed" in states or "cancelled" in states:
+                if in_flight == 0:
+                    failed = [r for r in rows if r["state"] == "failed"]
+                    what = ", ".join(f"beam {r['beam_number']}" if r["beam_number"] else "the case" for r in failed)
+                    reason = f"step {step.name} failed for {what or 'the case'}"
+                    self._finalise_beams(case_id, "cancelled", f"not run: {reason}")
+                    self.conn.execute("UPDATE cases SET attention = 1 WHERE id = ?", (case_id,))
+                    self._set_case(self._case(case_id), "failed", reason, final=True)
+                else:
+                    self._set_case(case, step.label, f"a beam failed; waiting for {in_flight} running step(s)")
+                return
+            self._set_case(case, step.label, case["message"] if case["state"] == step.label else "")
+            now = self.clock()
+            for row in rows:
+                if row["state"] in ("pending", "queued") or (
+                    row["state"] == "waiting" and (row["next_attempt_at"] or 0) <= now
+                ):
+                    self._dispatch(case, index, step, row)
+            return
+        # every step done for every beam: the case is done
+        self._finalise_beams(case_id, "done", "")
+        self._set_case(case, "done", "", final=True)
+
+    def _ensure_step_rows(self, case: sqlite3.Row, index: int, step: StepConfig) -> list[sqlite3.Row]:
+        numbers = [0]
+        if step.per_beam:
+            numbers = [r["number"] for r in self.conn.execute(
+                "SELECT number FROM beams WHERE case_id = ? AND state != 'missing' ORDER BY number", (case["id"],))]
+        for number in numbers:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO steps(case_id, beam_number, step_index, name, worker, state, max_attempt) "
+                "VALUES (?, ?, ?, ?, ?, 'pending', ?)",
+                (case["id"], number, index, step.name, step.worker, step.retry.max_attempts),
+            )
+        return self.conn.execute("SELECT * FROM steps WHERE case_id = ? AND step_index = ? ORDER BY beam_number",
+                                 (case["id"], index)).fetchall()
+
+    def _dispatch(self, case: sqlite3.Row, index: int, step: StepConfig, row: sqlite3.Row) -> None:
+        beam = row["beam_number"] or None
+        gpu = None
+        if step.gpu:
+            gpu = rec.allocate_gpu(self.conn, row["id"])
+            if gpu is None:
+                if row["state"] != "queued":
+                    self.conn.execute("UPDATE steps SET state = 'queued' WHERE id = ?", (row["id"],))
+                    self._set_beam(case["id"], beam, "queued", "waiting for a free GPU")
+                return
+        attempt = row["attempt"] + 1
+        body = self._command(case, index, step, row, attempt, gpu)
+        now = self.clock()
+        self.conn.execute(
+            "UPDATE steps SET state = 'dispatched', attempt = ?, next_attempt_at = NULL, command = ?, job = NULL, "
+            "progress = NULL, progress_text = '', message = '' WHERE id = ?",
+            (attempt, json.dumps(body), row["id"]),
+        )
+        self.conn.execute("INSERT INTO attempts(step_id, attempt, dispatched_at) VALUES (?, ?, ?)",
+                          (row["id"], attempt, now))
+        self.conn.execute("INSERT INTO outbox(queue, message_id, body, created_at) VALUES (?, ?, ?, ?)",
+                          (command_queue(step.worker), uuid.uuid4().hex, json.dumps(body), now))
+        if beam:
+            self._set_beam(case["id"], beam, step.label, "")
+        rec.add_event(self.conn, "step.dispatched",
+                      f"attempt {attempt}" + (f" on GPU {gpu['host']}:{gpu['idx']}" if gpu is not None else ""),
+                      case_id=case["id"], beam=beam, step=step.name)
+
+    def _command(self, case: sqlite3.Row, index: int, step: StepConfig, row: sqlite3.Row, attempt: int,
+                 gpu: Optional[sqlite3.Row]) -> dict:
+        uid = case["uid"]
+        case_dir = posixpath.join(self.loaded.remote_root.replace("\\", "/"), uid)
+        staging_dir = str(self.loaded.workspace / "staging" / uid)
+        results_dir = str(self.loaded.workspace / "results" / uid)
+        values: dict[str, Any] = dict(self.cfg.workflow.vars)
+        values.update(python=sys.executable, case=uid, case_dir=case_dir, staging_dir=staging_dir,
+                      results_dir=results_dir, attempt=attempt)
+        beam = row["beam_number"] or None
+        if beam:
+            b = self.conn.execute("SELECT * FROM beams WHERE case_id = ? AND number = ?", (case["id"], beam)).fetchone()
+            input_rel = b["input_rel"] or f"beam_{beam}/input"
+            beam_rel = posixpath.dirname(input_rel)
+            values.update(beam=beam, beam_dir=posixpath.join(case_dir, beam_rel),
+                          input_file=posixpath.join(case_dir, input_rel),
+                          local_beam_dir=str(Path(results_dir) / beam_rel))
+        if gpu is not None:
+            values["gpu"] = gpu["idx"]
+        body: dict[str, Any] = {
+            "type": "run_step", "step_id": row["id"], "attempt": attempt, "case": uid, "case_id": case["id"],
+            "beam": beam, "step": step.name, "step_index": index, "worker": step.worker,
+            "job_key": f"{uid}-{step.name}-b{beam or 0}-a{attempt}",
+            "case_path": case["path"], "inbox": case["inbox"], "staging_dir": staging_dir,
+            "remote_dir": case_dir, "results_dir": results_dir, "direction": step.direction,
+            "timeout": step.timeout_seconds, "log_rules": step.log_rules,
+        }
+        if step.command:
+            quoted = {k: shlex.quote(str(v)) for k, v in values.items()}
+            body["command"] = step.command.format_map(quoted)
+            raw = {k: str(v) for k, v in values.items()}
+            body["workdir"] = (step.workdir or ("{beam_dir}" if beam else "{case_dir}")).format_map(raw)
+            body["env"] = {k: v.format_map(raw) for k, v in step.env.items()}
+            body["outputs"] = [o.format_map(raw) for o in step.outputs]
+        if gpu is not None:
+            body["gpu"] = {"host": gpu["host"], "index": gpu["idx"], "uuid": gpu["uuid"]}
+        return body
+
+    # ================================================================ helpers
+
+    def _apply_plan(self, case: sqlite3.Row, data: dict) -> None:
+        self._record_beams(case, data)
+        inputs = {int(k): v for k, v in (data.get("inputs") or {}).items()}
+        for number, rel in inputs.items():
+            self.conn.execute("UPDATE beams SET input_rel = ? WHERE case_id = ? AND number = ?",
+                              (rel, case["id"], number))
+        self.conn.execute("UPDATE cases SET info = ?, incomplete_since = NULL, next_check_at = NULL WHERE id = ?",
+                          (json.dumps(data.get("info", {})), case["id"]))
+
+    def _record_beams(self, case: sqlite3.Row, data: dict) -> None:
+        now = self.clock()
+        missing = set(int(n) for n in data.get("missing", []))
+        for beam in data.get("beams", []):
+            number = int(beam["number"])
+            state = "missing" if number in missing else "pending"
+            self.conn.execute(
+                "INSERT INTO beams(case_id, number, name, delivery_dir, state, updated_at) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(case_id, number) DO UPDATE SET name=excluded.name, delivery_dir=excluded.delivery_dir, "
+                "state=CASE WHEN beams.state IN ('missing','pending') THEN excluded.state ELSE beams.state END, "
+                "updated_at=excluded.updated_at",
+                (case["id"], number, str(beam.get("name", "")), beam.get("delivery_dir"), state, now),
+            )
+
+    def _finish_step(self, row: sqlite3.Row, state: str, message: str, exit_code: Optional[int],
+                     progress: Optional[float] = None) -> None:
+        self.conn.execute(
+            "UPDATE steps SET state = ?, message = ?, exit_code = ?, finished_at = ?, "
+            "progress = COALESCE(?, progress) WHERE id = ?",
+            (state, message, exit_code, self.clock() if state != "pending" else None, progress, row["id"]),
+        )
+
+    def _finalise_beams(self, case_id: int, state: str, message: str) -> None:
+        self.conn.execute(
+            "UPDATE beams SET state = ?, message = ?, updated_at = ? WHERE case_id = ? "
+            "AND state NOT IN ('done', 'failed', 'cancelled', 'missing')",
+            (state, message, self.clock(), case_id),
+        )
+        self.conn.execute("UPDATE steps SET state = 'cancelled' WHERE case_id = ? "
+                          "AND state IN ('pending', 'queued', 'waiting')", (case_id,))
+
+    def _set_case(self, case: sqlite3.Row, state: str, message: str, *, final: bool = False) -> None:
+        old = case["state"]
+        if old == state and case["message"] == message:
+            return
+        now = self.clock()
+        self.conn.execute("UPDATE cases SET state = ?, message = ?, updated_at = ?, "
+                          "finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
+                          (state, message, now, 1 if final else 0, now, case["id"]))
+        if old != state:
+            rec.add_event(self.conn, "case.state", f"{old} -> {state}" + (f": {message}" if message else ""),
+                          case_id=case["id"], actor=self.actor)
+            log.info("%s %s -> %s%s", case["uid"], old, state, f" ({message})" if message else "")
+            self._changes.append((case["uid"], old, state, {"reason": message}))
+
+    def _set_beam(self, case_id: int, number: Optional[int], state: str, message: str) -> None:
+        if number:
+            self.conn.execute("UPDATE beams SET state = ?, message = ?, updated_at = ? WHERE case_id = ? AND number = ?",
+                              (state, message, self.clock(), case_id, number))
+
+    def _backoff(self, step: StepConfig, attempt: int) -> float:
+        raw = min(step.retry.max_backoff_seconds, step.retry.backoff_seconds * (2 ** max(0, attempt - 1)))
+        return raw * self.rng.uniform(0.5, 1.0)
+
+    def _count_steps(self, case_id: int, states: tuple[str, ...]) -> int:
+        return self.conn.execute(
+            f"SELECT COUNT(*) FROM steps WHERE case_id = ? AND state IN ({','.join('?' * len(states))})",
+            (case_id, *states),
+        ).fetchone()[0]
+
+    def _is_interpreter(self, step: StepConfig) -> bool:
+        return self.loaded.worker_kind(step.worker) == "interpreter"
+
+    def _case(self, case_id: int) -> sqlite3.Row:
+        return self.conn.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+
+    def _find(self, ident: str) -> sqlite3.Row:
+        case = rec.find_case(self.conn, ident)
+        if case is None:
+            raise ConductorError(f"no case {ident!r} (see `mqi-host cases`)")
+        return case
+
+    def _step_for(self, body: dict, *, quiet: bool = False) -> Optional[sqlite3.Row]:
+        row = self.conn.execute("SELECT * FROM steps WHERE id = ?", (body.get("step_id"),)).fetchone()
+        if row is None:
+            rec.add_event(self.conn, "event.orphan", f"event for unknown step {body.get('step_id')!r} ignored")
+            return None
+        if row["attempt"] != body.get("attempt") or row["state"] not in IN_FLIGHT:
+            if not quiet:
+                rec.add_event(self.conn, "event.stale",
+                              f"{body.get('type')} of attempt {body.get('attempt')} ignored "
+                              f"(step is {row['state']} at attempt {row['attempt']})",
+                              case_id=row["case_id"], beam=row["beam_number"] or None, step=row["name"])
+            return None
+        return row
+
+    def _flush_notifications(self) -> None:
+        changes, self._changes = self._changes, []
+        if self.notify is None:
+            return
+        for uid, old, new, info in changes:
+            try:
+                self.notify(case_id=uid, old_state=old, new_state=new, info=info)
+            except Exception:  # an observer must never break the conductor
+                log.exception("mqi_case_state_changed hook failed for %s", uid)

@@ -1,0 +1,307 @@
+"""The configuration schema (one YAML file) and its semantic checks.
+
+Every key is documented here, in the attribute docstrings (``docs/configuration.md`` is
+generated from them). Loading turns every problem into one :class:`ConfigError` naming
+the YAML path and line.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import attrs
+
+from mqi_framework import configload
+from mqi_framework.configload import ConfigError, ConfigProblem
+
+#: worker name -> kind, used when a worker section does not say ``kind:``
+DEFAULT_KIND_BY_NAME = {
+    "scan": "scanner",
+    "prepare": "interpreter",
+    "transfer": "transfer",
+    "execute": "executor",
+    "postprocess": "executor",
+    "curate": "curator",
+    "archive": "archiver",
+}
+WORKER_KINDS = ("scanner", "interpreter", "transfer", "executor", "curator", "archiver")
+RESERVED_WORKER_NAMES = ("conductor", "host")
+WORKER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+#: placeholders a step command may use (values are shell-quoted when substituted)
+COMMAND_FIELDS = {
+    "python": "the Python interpreter running the host",
+    "case": "the case's host id (case-000042), never the folder name",
+    "case_dir": "the case folder on the execution side (remote_root/<case>)",
+    "staging_dir": "the prepared case tree on the host",
+    "results_dir": "where results of the case are downloaded on the host",
+    "beam": "beam number (per-beam steps)",
+    "beam_dir": "the beam's folder on the execution side",
+    "input_file": "the beam's simulator input on the execution side",
+    "local_beam_dir": "the beam's folder inside results_dir",
+    "gpu": "the index of the GPU allocated to the beam (steps with gpu: true)",
+    "attempt": "attempt number of this step",
+}
+
+
+@attrs.frozen
+class RetrySettings:
+    """How often a failed step is tried again, with exponential backoff and jitter."""
+
+    max_attempts: int = 3
+    backoff_seconds: float = 5.0
+    max_backoff_seconds: float = 300.0
+
+
+@attrs.frozen
+class StepConfig:
+    """One step of the workflow. Steps run in order; ``per_beam`` steps run once per
+    treatment beam (all beams must finish a step before the case moves on)."""
+
+    name: str
+    worker: str
+    state: Optional[str] = None  # case state while this step runs; default: the step name
+    per_beam: bool = False
+    direction: Optional[Literal["upload", "download"]] = None  # transfer steps
+    command: Optional[str] = None  # executor steps: template with {placeholders}
+    gpu: bool = False  # allocate one GPU per beam for this step
+    timeout_seconds: Optional[float] = None
+    retry: RetrySettings = RetrySettings()
+    outputs: list[str] = attrs.field(factory=list)  # globs that must match after success
+    log_rules: bool = False  # judge the job log with the interpreter (success/failure/progress)
+    env: dict[str, str] = attrs.field(factory=dict)
+    workdir: Optional[str] = None  # template; default {beam_dir} for per-beam steps, else {case_dir}
+
+    @property
+    def label(self) -> str:
+        return self.state or self.name
+
+
+@attrs.frozen
+class WorkflowConfig:
+    """The pipeline as data."""
+
+    steps: list[StepConfig]
+    remote_root: str = "remote"  # execution-side root; relative paths resolve against workspace
+    vars: dict[str, str] = attrs.field(factory=dict)  # extra {placeholders} for commands
+
+
+@attrs.frozen
+class WorkerConfig:
+    """A worker process: which plugin it runs and that plugin's own settings."""
+
+    plugin: str
+    kind: Optional[str] = None  # scanner|interpreter|transfer|executor|curator|archiver
+    settings: dict[str, Any] = attrs.field(factory=dict)
+    enabled: bool = True
+    interval_seconds: float = 1.0  # how often scanners, curators and job pollers look
+
+
+@attrs.frozen
+class BrokerConfig:
+    """Where commands and events travel. ``sqlite:`` paths are relative to the workspace."""
+
+    url: str = "sqlite:queue.db"
+    lease_seconds: float = 120.0
+    max_attempts: int = 5
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+
+
+@attrs.frozen
+class CaseRules:
+    """How cases are held and flagged."""
+
+    incomplete_recheck_seconds: float = 30.0
+    incomplete_flag_after_seconds: float = 3600.0
+    log_case_names: bool = False  # folder names may be patient ids: keep them out of logs
+
+
+@attrs.frozen
+class SupervisionConfig:
+    """How ``mqi-host run`` watches its processes."""
+
+    heartbeat_seconds: float = 2.0
+    hung_after_seconds: float = 60.0
+    restart_backoff_seconds: float = 1.0
+    restart_backoff_max_seconds: float = 60.0
+    drain_seconds: float = 20.0
+    tick_seconds: float = 0.5  # conductor housekeeping interval
+
+
+@attrs.frozen
+class LoggingConfig:
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    directory: str = "logs"  # per-process log files, relative to the workspace
+
+
+@attrs.frozen
+class MqiConfig:
+    """The whole ``mqi.yaml``."""
+
+    workflow: WorkflowConfig
+    workers: dict[str, WorkerConfig]
+    workspace: str = "."  # relative to the config file's folder
+    broker: BrokerConfig = BrokerConfig()
+    cases: CaseRules = CaseRules()
+    supervision: SupervisionConfig = SupervisionConfig()
+    logging: LoggingConfig = LoggingConfig()
+    database: str = "state.db"  # relative to the workspace
+
+
+@attrs.define
+class LoadedConfig:
+    """A validated config plus where it came from (for plugin settings and paths)."""
+
+    config: MqiConfig
+    path: Optional[Path]
+    lines: dict[str, int]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    @property
+    def workspace(self) -> Path:
+        return (self.base_dir / self.config.workspace).resolve()
+
+    def workspace_path(self, value: str) -> Path:
+        return (self.workspace / value).resolve()
+
+    @property
+    def database_path(self) -> Path:
+        return self.workspace_path(self.config.database)
+
+    @property
+    def remote_root(self) -> str:
+        root = Path(self.config.workflow.remote_root)
+        return str(root if root.is_absolute() else self.workspace / root)
+
+    @property
+    def broker_url(self) -> str:
+        url = self.config.broker.url
+        if url.startswith("sqlite:") and not url.startswith("sqlite:///"):
+            return "sqlite:///" + str(self.workspace_path(url[len("sqlite:"):]))
+        return url
+
+    def worker_kind(self, name: str) -> str:
+        worker = self.config.workers[name]
+        return worker.kind or DEFAULT_KIND_BY_NAME[name]
+
+    def workers_of_kind(self, kind: str) -> list[str]:
+        return [n for n, w in self.config.workers.items() if w.enabled and self.worker_kind(n) == kind]
+
+    def interpreter_worker(self) -> str:
+        for step in self.config.workflow.steps:
+            if self.worker_kind(step.worker) == "interpreter":
+                return step.worker
+        raise ConfigError([ConfigProblem("workflow.steps", "no step uses an interpreter worker", None)])
+
+    def problem(self, path: str, message: str) -> ConfigProblem:
+        return ConfigProblem(path, message, self.lines.get(path))
+
+
+def load_config(path: Path) -> LoadedConfig:
+    """Load and validate ``path``; raise ConfigError listing every problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(
+            [ConfigProblem("", f"config file {path} does not exist (create one with `mqi-host init`)", None)],
+            source=str(path),
+        )
+    config, lines = configload.load_with_lines(MqiConfig, path)
+    loaded = LoadedConfig(config=config, path=path.resolve(), lines=lines)
+    problems = semantic_problems(loaded)
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return loaded
+
+
+def _placeholders(template: str) -> list[str]:
+    try:
+        return [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as exc:
+        return [f"!{exc}"]
+
+
+def semantic_problems(loaded: LoadedConfig) -> list[ConfigProblem]:
+    """Checks a schema cannot express: references between sections, templates, kinds."""
+    cfg = loaded.config
+    out: list[ConfigProblem] = []
+    for name, worker in cfg.workers.items():
+        key = f"workers.{name}"
+        if not WORKER_NAME_RE.match(name) or name in RESERVED_WORKER_NAMES:
+            out.append(loaded.problem(key, f"worker name {name!r} must match {WORKER_NAME_RE.pattern} and not be "
+                                           f"one of {', '.join(RESERVED_WORKER_NAMES)}"))
+        kind = worker.kind or DEFAULT_KIND_BY_NAME.get(name)
+        if kind is None:
+            out.append(loaded.problem(key, f"say which kind of worker this is: kind: one of {', '.join(WORKER_KINDS)}"))
+        elif kind not in WORKER_KINDS:
+            out.append(loaded.problem(f"{key}.kind", f"expected one of {', '.join(WORKER_KINDS)}, got {kind!r}"))
+    steps = cfg.workflow.steps
+    if not steps:
+        out.append(loaded.problem("workflow.steps", "the workflow needs at least one step"))
+    seen: set[str] = set()
+    interpreter_seen = False
+    allowed = set(COMMAND_FIELDS) | set(cfg.workflow.vars)
+    for i, step in enumerate(steps):
+        key = f"workflow.steps.{i}"
+        if step.name in seen:
+            out.append(loaded.problem(f"{key}.name", f"step name {step.name!r} is used twice"))
+        seen.add(step.name)
+        worker = cfg.workers.get(step.worker)
+        if worker is None:
+            out.append(loaded.problem(f"{key}.worker", f"no worker named {step.worker!r} in workers "
+                                                       f"(defined: {', '.join(sorted(cfg.workers)) or 'none'})"))
+            continue
+        if not worker.enabled:
+            out.append(loaded.problem(f"{key}.worker", f"worker {step.worker!r} is disabled but step {step.name!r} needs it"))
+        kind = worker.kind or DEFAULT_KIND_BY_NAME.get(step.worker)
+        if kind == "interpreter":
+            if i != 0:
+                out.append(loaded.problem(key, "the interpreter step (which finds the beams) must be the first step"))
+            if step.per_beam:
+                out.append(loaded.problem(f"{key}.per_beam", "the interpreter step runs once per case"))
+            interpreter_seen = True
+        elif kind == "transfer":
+            if step.direction is None:
+                out.append(loaded.problem(key, "a transfer step needs direction: upload or download"))
+        elif kind == "executor":
+            if not step.command:
+                out.append(loaded.problem(key, "an executor step needs a command template"))
+        elif kind is not None:
+            out.append(loaded.problem(f"{key}.worker", f"a {kind} worker cannot run a workflow step"))
+        if step.per_beam and not interpreter_seen:
+            out.append(loaded.problem(f"{key}.per_beam", "per-beam steps need an interpreter step before them"))
+        if step.gpu and not step.per_beam:
+            out.append(loaded.problem(f"{key}.gpu", "GPUs are allocated per beam: set per_beam: true"))
+        if step.gpu and not loaded_has_kind(cfg, "curator"):
+            out.append(loaded.problem(f"{key}.gpu", "gpu: true needs an enabled curator worker (e.g. workers.curate)"))
+        for field_name, template in [("command", step.command or ""), ("workdir", step.workdir or "")] + [
+            (f"outputs.{j}", o) for j, o in enumerate(step.outputs)
+        ]:
+            for placeholder in _placeholders(template):
+                if placeholder.startswith("!"):
+                    out.append(loaded.problem(f"{key}.{field_name}", f"bad template: {placeholder[1:]}"))
+                elif placeholder not in allowed:
+                    out.append(loaded.problem(
+                        f"{key}.{field_name}",
+                        f"unknown placeholder {{{placeholder}}} (known: {', '.join(sorted(allowed))})"))
+                elif placeholder in ("beam", "beam_dir", "input_file", "local_beam_dir", "gpu") and not step.per_beam:
+                    out.append(loaded.problem(f"{key}.{field_name}", f"{{{placeholder}}} needs per_beam: true"))
+                elif placeholder == "gpu" and not step.gpu:
+                    out.append(loaded.problem(f"{key}.{field_name}", "{gpu} needs gpu: true"))
+        if step.retry.max_attempts < 1:
+            out.append(loaded.problem(f"{key}.retry.max_attempts", "must be at least 1"))
+    if steps and not interpreter_seen:
+        out.append(loaded.problem("workflow.steps", "the first step must use an interpreter worker (kind: interpreter)"))
+    if not loaded_has_kind(cfg, "scanner"):
+        out.append(loaded.problem("workers", "no enabled scanner worker: nothing would find cases (add workers.scan)"))
+    return out
+
+
+def loaded_has_kind(cfg: MqiConfig, kind: str) -> bool:
+    return any(w.enabled and (w.kind or DEFAULT_KIND_BY_NAME.get(n)) == kind for n, w in cfg.workers.items())

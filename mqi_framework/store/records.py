@@ -1,0 +1,176 @@
+"""Reads and small writes on the state database shared by the conductor, workers, CLI and
+dashboard. Functions that write expect to run inside :func:`mqi_framework.store.transaction`
+unless they say otherwise."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from typing import Any, Iterable, Optional
+
+from mqi_framework.protocols import GpuReading
+
+FINAL_CASE_STATES = ("done", "failed", "rejected", "cancelled")
+IN_FLIGHT_STEP_STATES = ("dispatched", "running", "cancelling")
+
+
+def case_uid(case_id: int) -> str:
+    return f"case-{case_id:06d}"
+
+
+def add_event(
+    conn: sqlite3.Connection, kind: str, message: str = "", *, case_id: Optional[int] = None,
+    beam: Optional[int] = None, step: Optional[str] = None, actor: str = "conductor",
+    data: Optional[dict] = None,
+) -> None:
+    """Append to the audit log (never PHI: case folder names stay out of ``message``)."""
+    conn.execute(
+        "INSERT INTO events(at, case_id, beam, step, kind, message, actor, data) VALUES (?,?,?,?,?,?,?,?)",
+        (time.time(), case_id, beam, step, kind, message, actor, json.dumps(data or {})),
+    )
+
+
+def find_case(conn: sqlite3.Connection, ident: str) -> Optional[sqlite3.Row]:
+    """A case by host id (``case-000042`` or ``42``) or by folder name."""
+    row = conn.execute("SELECT * FROM cases WHERE uid = ? OR name = ?", (ident, ident)).fetchone()
+    if row is None and ident.isdigit():
+        row = conn.execute("SELECT * FROM cases WHERE id = ?", (int(ident),)).fetchone()
+    return row
+
+
+def beams_of(conn: sqlite3.Connection, case_id: int) -> list[dict]:
+    return [dict(r) for r in conn.execute(
+        "SELECT number, name, state, message, updated_at FROM beams WHERE case_id = ? ORDER BY number", (case_id,))]
+
+
+def case_summary(conn: sqlite3.Connection, row: sqlite3.Row, *, show_names: bool) -> dict:
+    out = {
+        "id": row["uid"],
+        "state": row["state"],
+        "attention": bool(row["attention"]),
+        "message": row["message"],
+        "detected_at": row["detected_at"],
+        "updated_at": row["updated_at"],
+        "finished_at": row["finished_at"],
+        "info": json.loads(row["info"] or "{}"),
+        "beams": [{"number": b["number"], "state": b["state"], "message": b["message"]}
+                  for b in beams_of(conn, row["id"])],
+    }
+    if show_names:
+        out["name"] = row["name"]
+    return out
+
+
+def list_cases(conn: sqlite3.Connection, *, state: Optional[str] = None, show_names: bool = False,
+               limit: Optional[int] = None) -> list[dict]:
+    sql, params = "SELECT * FROM cases", []
+    if state:
+        sql += " WHERE state = ?"
+        params.append(state)
+    sql += " ORDER BY id"
+    if limit:
+        sql += " LIMIT ?"
+        params.append(limit)
+    return [case_summary(conn, row, show_names=show_names) for row in conn.execute(sql, params).fetchall()]
+
+
+def case_detail(conn: sqlite3.Connection, row: sqlite3.Row, *, show_names: bool) -> dict:
+    out = case_summary(conn, row, show_names=show_names)
+    steps = []
+    for s in conn.execute("SELECT * FROM steps WHERE case_id = ? ORDER BY step_index, beam_number", (row["id"],)):
+        attempts = [dict(a) for a in conn.execute(
+            "SELECT attempt, dispatched_at, started_at, finished_at, outcome, exit_code, message, log_tail "
+            "FROM attempts WHERE step_id = ? ORDER BY attempt", (s["id"],))]
+        steps.append({
+            "step": s["name"], "beam": s["beam_number"] or None, "worker": s["worker"], "state": s["state"],
+            "attempt": s["attempt"], "progress": s["progress"], "progress_text": s["progress_text"],
+            "started_at": s["started_at"], "finished_at": s["finished_at"], "exit_code": s["exit_code"],
+            "message": s["message"], "attempts": attempts,
+        })
+    out["steps"] = steps
+    out["events"] = [
+        {"at": e["at"], "beam": e["beam"], "step": e["step"], "kind": e["kind"], "message": e["message"],
+         "actor": e["actor"]}
+        for e in conn.execute("SELECT * FROM events WHERE case_id = ? ORDER BY id", (row["id"],))
+    ]
+    return out
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def record_gpu_readings(conn: sqlite3.Connection, curator: str, readings: Iterable[GpuReading]) -> None:
+    """Upsert what a curator saw; GPUs of this curator that vanished become unhealthy."""
+    now = time.time()
+    seen = []
+    for r in readings:
+        conn.execute(
+            """INSERT INTO resources(kind, host, idx, uuid, name, memory_total_mb, memory_used_mb, memory_free_mb,
+                   utilization_pct, temperature_c, healthy, curator, seen_at)
+               VALUES ('gpu',?,?,?,?,?,?,?,?,?,?,?,?)
+               ON CONFLICT(kind, host, idx) DO UPDATE SET uuid=excluded.uuid, name=excluded.name,
+                   memory_total_mb=excluded.memory_total_mb, memory_used_mb=excluded.memory_used_mb,
+                   memory_free_mb=excluded.memory_free_mb, utilization_pct=excluded.utilization_pct,
+                   temperature_c=excluded.temperature_c, healthy=excluded.healthy, curator=excluded.curator,
+                   seen_at=excluded.seen_at""",
+            (r.host, r.index, r.uuid, r.name, r.memory_total_mb, r.memory_used_mb, r.memory_free_mb,
+             r.utilization_pct, r.temperature_c, int(r.healthy), curator, now),
+        )
+        seen.append((r.host, r.index))
+    for row in conn.execute("SELECT id, host, idx FROM resources WHERE curator = ? AND healthy = 1", (curator,)).fetchall():
+        if (row["host"], row["idx"]) not in seen:
+            conn.execute("UPDATE resources SET healthy = 0 WHERE id = ?", (row["id"],))
+
+
+def allocate_gpu(conn: sqlite3.Connection, step_id: int) -> Optional[sqlite3.Row]:
+    """Give a free, healthy GPU to ``step_id`` (inside the caller's transaction), or None."""
+    held = conn.execute("SELECT * FROM resources WHERE allocated_step = ?", (step_id,)).fetchone()
+    if held is not None:
+        return held
+    row = conn.execute(
+        "SELECT * FROM resources WHERE kind = 'gpu' AND healthy = 1 AND allocated_step IS NULL "
+        "ORDER BY host, idx LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return None
+    conn.execute("UPDATE resources SET allocated_step = ?, allocated_at = ? WHERE id = ? AND allocated_step IS NULL",
+                 (step_id, time.time(), row["id"]))
+    conn.execute("UPDATE steps SET gpu_id = ? WHERE id = ?", (row["id"], step_id))
+    return row
+
+
+def release_gpu(conn: sqlite3.Connection, step_id: int) -> bool:
+    """Free whatever GPU ``step_id`` holds; True if one was held."""
+    cur = conn.execute("UPDATE resources SET allocated_step = NULL, allocated_at = NULL WHERE allocated_step = ?",
+                       (step_id,))
+    return cur.rowcount > 0
+
+
+def gpus(conn: sqlite3.Connection) -> list[dict]:
+    return [dict(r) for r in conn.execute("SELECT * FROM resources WHERE kind = 'gpu' ORDER BY host, idx")]
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def worker_state(conn: sqlite3.Connection, name: str, kind: str, *, pid: Optional[int], state: str,
+                 message: str = "", heartbeat: bool = True) -> None:
+    """Upsert a worker's row (autocommit: a single statement)."""
+    now = time.time()
+    conn.execute(
+        """INSERT INTO workers(name, kind, pid, state, started_at, heartbeat_at, message)
+           VALUES (?,?,?,?,?,?,?)
+           ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, pid=excluded.pid, state=excluded.state,
+               heartbeat_at=CASE WHEN ? THEN excluded.heartbeat_at ELSE workers.heartbeat_at END,
+               message=excluded.message""",
+        (name, kind, pid, state, now, now if heartbeat else None, message, 1 if heartbeat else 0),
+    )
+
+
+def workers(conn: sqlite3.Connection) -> list[dict]:
+    return [dict(r) for r in conn.execute("SELECT * FROM workers ORDER BY name")]
+
+
+def as_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)

@@ -1,0 +1,179 @@
+"""The worker runtime: consume → call the plugin (through its role) → report → ack, with
+heartbeats and a graceful drain on SIGTERM. The conductor runs in the same runtime.
+
+A message is acked only after its result was reported (the report is a durable,
+confirmed publish). A handler that raises is nacked: the broker retries it with backoff
+and dead-letters it after ``broker.max_attempts``; when that happens to a step command the
+worker reports the step as failed so the case does not hang silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import time
+import uuid
+from typing import Any, Optional
+
+from mqi_framework import plugins, protocols as p
+from mqi_framework.broker import open_broker
+from mqi_framework.broker.base import Broker, Delivery, RetryPolicy
+from mqi_framework.config import LoadedConfig
+from mqi_framework.conductor import EVENTS_QUEUE, Conductor, command_queue
+from mqi_framework.store import open_state
+from mqi_framework.store import records as rec
+
+log = logging.getLogger(__name__)
+
+CONDUCTOR = "conductor"
+
+
+def make_broker(loaded: LoadedConfig) -> Broker:
+    b = loaded.config.broker
+    return open_broker(
+        loaded.broker_url,
+        retry=RetryPolicy(max_attempts=b.max_attempts, base_seconds=b.retry_base_seconds,
+                          max_seconds=b.retry_max_seconds),
+        lease_seconds=b.lease_seconds,
+    )
+
+
+def plugin_context(loaded: LoadedConfig, worker: Optional[str]) -> p.PluginContext:
+    return p.PluginContext(workspace=loaded.workspace, worker=worker, config_path=loaded.path)
+
+
+def build_worker_plugin(loaded: LoadedConfig, name: str, host: Optional[plugins.PluginHost] = None) -> p.Plugin:
+    """Instantiate the plugin of ``workers.<name>`` with its validated settings."""
+    wc = loaded.config.workers[name]
+    return plugins.build(loaded.worker_kind(name), wc.plugin, wc.settings, plugin_context(loaded, name),
+                         config_key=f"workers.{name}.plugin", plugin_host=host, lines=loaded.lines,
+                         source=str(loaded.path) if loaded.path else None)
+
+
+class WorkerRuntime:
+    """Runs one worker (or the conductor) until SIGTERM/SIGINT or :meth:`stop`."""
+
+    def __init__(self, loaded: LoadedConfig, name: str, *, plugin_host: Optional[plugins.PluginHost] = None) -> None:
+        from mqi_framework.roles import ROLE_BY_KIND
+
+        self.loaded = loaded
+        self.name = name
+        self.plugin_host = plugin_host or plugins.get_plugin_host()
+        self.stopping = False
+        self.conn: sqlite3.Connection = open_state(loaded.database_path)
+        self.broker = make_broker(loaded)
+        self.heartbeat_every = loaded.config.supervision.heartbeat_seconds
+        self._last_heartbeat = 0.0
+        self._last_tick = 0.0
+        self.role: Any = None
+        self.conductor: Optional[Conductor] = None
+        if name == CONDUCTOR:
+            self.kind = CONDUCTOR
+            self.queue: Optional[str] = EVENTS_QUEUE
+            self.interval = loaded.config.supervision.tick_seconds
+            self.conductor = Conductor(loaded, self.conn, broker=self.broker, notify=self._notify)
+        else:
+            if name not in loaded.config.workers:
+                raise plugins.PluginError(f"no worker named {name!r} in the config "
+                                          f"(defined: {', '.join(loaded.config.workers)})")
+            self.kind = loaded.worker_kind(name)
+            self.impl = build_worker_plugin(loaded, name, self.plugin_host)
+            self.role = ROLE_BY_KIND[self.kind](self, self.impl)
+            self.queue = command_queue(name) if self.role.consumes else None
+            self.interval = loaded.config.workers[name].interval_seconds
+
+    # ---------------------------------------------------------------- reporting
+
+    def report(self, event_type: str, **fields: Any) -> None:
+        """Publish an event for the conductor (returns once the broker confirmed it)."""
+        body = {"type": event_type, "worker": self.name, **fields}
+        self.broker.publish(EVENTS_QUEUE, body, message_id=uuid.uuid4().hex)
+
+    def heartbeat(self, *, force: bool = False, state: str = "running") -> None:
+        now = time.monotonic()
+        if force or now - self._last_heartbeat >= self.heartbeat_every:
+            self._last_heartbeat = now
+            rec.worker_state(self.conn, self.name, self.kind, pid=os.getpid(), state=state)
+
+    def build_interpreter(self) -> p.Interpreter:
+        return build_worker_plugin(self.loaded, self.loaded.interpreter_worker(), self.plugin_host)  # type: ignore
+
+    def _notify(self, **kwargs: Any) -> None:
+        self.plugin_host.pm.hook.mqi_case_state_changed(**kwargs)
+
+    # ---------------------------------------------------------------- loop
+
+    def stop(self, *_: Any) -> None:
+        if not self.stopping:
+            log.info("%s: draining (finishing the current message, then stopping)", self.name)
+        self.stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        log.info("%s (%s) started, pid %d", self.name, self.kind, os.getpid())
+        self.heartbeat(force=True)
+        try:
+            while not self.stopping:
+                self.step_once()
+        finally:
+            self.heartbeat(force=True, state="stopped")
+            self.close()
+        log.info("%s stopped", self.name)
+        return 0
+
+    def step_once(self, wait: float = 0.2) -> None:
+        """One turn of the loop: tick when due, then handle at most one message."""
+        self.heartbeat()
+        now = time.monotonic()
+        if now - self._last_tick >= self.interval:
+            self._last_tick = now
+            self._tick()
+        if self.queue is None:
+            time.sleep(min(wait, self.interval))
+            return
+        delivery = self.broker.get(self.queue, timeout=wait)
+        if delivery is not None:
+            self._handle(delivery)
+
+    def _tick(self) -> None:
+        try:
+            if self.conductor is not None:
+                self.conductor.tick()
+                self.conductor.relay_outbox()
+            else:
+                self.role.tick()
+        except Exception:
+            log.exception("%s: periodic work failed; trying again in %.1fs", self.name, self.interval)
+
+    def _handle(self, delivery: Delivery) -> None:
+        try:
+            if self.conductor is not None:
+                self.conductor.handle_event(delivery.body, delivery.message_id)
+                self.conductor.relay_outbox()
+            else:
+                self.role.handle(delivery.body)
+        except Exception as exc:
+            from mqi_framework.roles import PermanentError
+
+            permanent = isinstance(exc, PermanentError)
+            log.exception("%s: handling %s failed (delivery %d)", self.name, delivery.body.get("type"), delivery.attempt)
+            retried = self.broker.nack(delivery, reason=f"{type(exc).__name__}: {exc}", retry=not permanent)
+            if not retried and self.conductor is None and "step_id" in delivery.body:
+                self.report("step.finished", step_id=delivery.body["step_id"], attempt=delivery.body["attempt"],
+                            outcome="failed", permanent=permanent,
+                            message=f"dead-lettered after {delivery.attempt} delivery(ies): {type(exc).__name__}: {exc}")
+            return
+        self.broker.ack(delivery)
+
+    def close(self) -> None:
+        for closer in (getattr(self.role, "close", None), getattr(getattr(self, "impl", None), "close", None),
+                       self.broker.close):
+            if closer is None:
+                continue
+            try:
+                closer()
+            except Exception:
+                log.exception("%s: error while closing", self.name)

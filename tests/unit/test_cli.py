@@ -1,0 +1,116 @@
+"""The CLI contract: --help everywhere, init/check, config errors with paths, exit codes."""
+
+import json
+
+import pytest
+import yaml
+
+from mqi_framework.testing import run_cli
+from mqi_framework.workspace import fast_config, starter_config_text, write_workspace
+
+SUBCOMMANDS = ["init", "check", "run", "worker", "cases", "case", "retry", "cancel", "dlq", "demo"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help_everywhere(command):
+    proc = run_cli(command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: mqi-host" in proc.stdout
+
+
+def test_no_command_prints_help_and_exits_2():
+    proc = run_cli()
+    assert proc.returncode == 2 and "COMMAND" in proc.stdout
+
+
+def test_init_writes_a_config_that_checks(tmp_path):
+    proc = run_cli("init", str(tmp_path / "site"))
+    assert proc.returncode == 0, proc.stderr
+    config = tmp_path / "site" / "mqi.yaml"
+    assert config.read_text() == starter_config_text()
+    assert (tmp_path / "site" / "inbox").is_dir()
+    check = run_cli("check", "-c", str(config))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "all checks passed" in check.stdout
+    again = run_cli("init", str(tmp_path / "site"))
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_quickstart_example_is_the_starter_config():
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "mqi.yaml"
+    assert example.read_text() == starter_config_text()
+
+
+def test_malformed_config_names_path_and_line(tmp_path):
+    text = starter_config_text().replace("      gpus: 2", "      gpus: two").replace(
+        "  lease_seconds: 120", "  lease_seconds: 120\n  prot: 5")
+    config = tmp_path / "mqi.yaml"
+    config.write_text(text)
+    proc = run_cli("check", "-c", str(config))
+    assert proc.returncode == 2
+    assert "broker.prot" in proc.stderr or "'prot'" in proc.stderr
+    line = text.splitlines().index("  prot: 5") + 1
+    assert f":{line}:" in proc.stderr
+    fixed = config.read_text().replace("  prot: 5\n", "")
+    config.write_text(fixed)
+    proc = run_cli("check", "-c", str(config))
+    assert proc.returncode == 2 and "workers.curate.settings.gpus" in proc.stdout + proc.stderr
+
+
+def test_missing_plugin_names_config_key(tmp_path):
+    data = fast_config()
+    data["workers"]["execute"]["plugin"] = "ssh-not-installed"
+    path = write_workspace(tmp_path, data)
+    for command in ("check", "run"):
+        proc = run_cli(command, "-c", str(path), timeout=30)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 2, out
+        assert "workers.execute.plugin" in out and "ssh-not-installed" in out
+
+
+def test_semantic_errors_are_reported_with_paths(tmp_path):
+    data = fast_config()
+    data["workflow"]["steps"][2]["command"] = "{python} {nonsense}"
+    data["workflow"]["steps"][1]["worker"] = "nobody"
+    path = write_workspace(tmp_path, data)
+    proc = run_cli("check", "-c", str(path))
+    assert proc.returncode == 2
+    assert "workflow.steps.2.command" in proc.stderr and "{nonsense}" in proc.stderr
+    assert "workflow.steps.1.worker" in proc.stderr and "'nobody'" in proc.stderr
+
+
+def test_missing_config_file(tmp_path):
+    proc = run_cli("cases", "-c", str(tmp_path / "none.yaml"))
+    assert proc.returncode == 2 and "mqi-host init" in proc.stderr
+
+
+def test_env_expansion_secret_not_leaked(tmp_path):
+    text = starter_config_text().replace("url: sqlite:queue.db", "url: ${MQI_TEST_BROKER_URL}")
+    config = tmp_path / "mqi.yaml"
+    config.write_text(text)
+    proc = run_cli("check", "-c", str(config))
+    assert proc.returncode == 2 and "MQI_TEST_BROKER_URL" in proc.stderr
+    proc = run_cli("check", "-c", str(config), env={"MQI_TEST_BROKER_URL": "sqlite:other.db"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_cases_and_case_on_empty_workspace(tmp_path):
+    path = write_workspace(tmp_path, fast_config())
+    assert run_cli("check", "-c", str(path)).returncode == 0  # creates the database
+    proc = run_cli("cases", "-c", str(path), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == []
+    proc = run_cli("case", "nope", "-c", str(path))
+    assert proc.returncode == 2 and "no case" in proc.stderr
+    proc = run_cli("retry", "nope", "-c", str(path))
+    assert proc.returncode == 1 and "no case" in proc.stderr
+
+
+def test_dlq_commands_on_empty_queue(tmp_path):
+    path = write_workspace(tmp_path, fast_config())
+    proc = run_cli("dlq", "list", "-c", str(path), "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout) == []
+    assert run_cli("dlq", "replay", "-c", str(path)).returncode == 2
+    proc = run_cli("dlq", "purge", "--all", "-c", str(path))
+    assert proc.returncode == 0 and "purged 0" in proc.stdout
