@@ -35,8 +35,11 @@ def hooks_markdown() -> str:
 
 
 def _type_name(tp: object) -> str:
-    text = tp if isinstance(tp, str) else getattr(tp, "__name__", None) or repr(tp)
-    return str(text).replace("typing.", "")
+    if typing.get_origin(tp) is not None or isinstance(tp, str):
+        text = str(tp)
+    else:
+        text = getattr(tp, "__name__", None) or repr(tp)
+    return text.replace("typing.", "").replace("mqi_framework.config.", "").replace("NoneType", "None")
 
 
 def _default(field: attrs.Attribute) -> str:
@@ -63,10 +66,13 @@ def _section(cls: type, prefix: str, out: list[str], seen: set) -> None:
                 comment = stripped.split("#", 1)[1].strip()
         tp = hints.get(field.name, field.type)
         out.append(f"| `{field.name}` | `{_type_name(tp)}` | {_default(field)} | {comment} |")
+        here = f"{prefix}.{field.name}" if prefix else field.name
+        origin = typing.get_origin(tp)
+        suffix = ".<name>" if origin is dict else ".<n>" if origin is list else ""
         for inner in typing.get_args(tp) + (tp,):
             if isinstance(inner, type) and attrs.has(inner) and inner not in seen:
                 seen.add(inner)
-                nested.append((inner, f"{prefix}.{field.name}" if prefix else field.name))
+                nested.append((inner, here + suffix))
     out.append("")
     for inner, path in nested:
         _section(inner, path, out, seen)
