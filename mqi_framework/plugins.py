@@ -281,11 +281,15 @@ def build(
     kind: str, name: str, settings_data: Any, context: p.PluginContext, *, config_key: str,
     plugin_host: Optional[PluginHost] = None, lines: Optional[dict] = None, source: Optional[str] = None,
 ) -> p.Plugin:
-    """Look up ``name`` of ``kind``, validate its settings with its own attrs class, instantiate it."""
+    """Look up ``name`` of ``kind``, validate its settings with its own attrs class, instantiate it.
+
+    ``config_key`` is the YAML path of the section (``workers.transfer``): errors name
+    ``<config_key>.plugin`` or ``<config_key>.settings.<field>``.
+    """
     from mqi_framework import configload
 
     host = plugin_host or get_plugin_host()
-    cls = host.lookup(kind, name, config_key=config_key)
+    cls = host.lookup(kind, name, config_key=f"{config_key}.plugin")
     settings_class = getattr(cls, "settings_class", None)
     if settings_class is None:
         if settings_data:

@@ -48,7 +48,7 @@ def build_worker_plugin(loaded: LoadedConfig, name: str, host: Optional[plugins.
     """Instantiate the plugin of ``workers.<name>`` with its validated settings."""
     wc = loaded.config.workers[name]
     return plugins.build(loaded.worker_kind(name), wc.plugin, wc.settings, plugin_context(loaded, name),
-                         config_key=f"workers.{name}.plugin", plugin_host=host, lines=loaded.lines,
+                         config_key=f"workers.{name}", plugin_host=host, lines=loaded.lines,
                          source=str(loaded.path) if loaded.path else None)
 
 

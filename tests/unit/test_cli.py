@@ -51,9 +51,9 @@ def test_malformed_config_names_path_and_line(tmp_path):
     proc = run_cli("check", "-c", str(config))
     assert proc.returncode == 2
     assert "broker.prot" in proc.stderr or "'prot'" in proc.stderr
-    line = text.splitlines().index("  prot: 5") + 1
+    line = [i for i, t in enumerate(text.splitlines(), start=1) if t.startswith("  prot: 5")][0]
     assert f":{line}:" in proc.stderr
-    fixed = config.read_text().replace("  prot: 5\n", "")
+    fixed = "\n".join(t for t in config.read_text().splitlines() if not t.startswith("  prot: 5")) + "\n"
     config.write_text(fixed)
     proc = run_cli("check", "-c", str(config))
     assert proc.returncode == 2 and "workers.curate.settings.gpus" in proc.stdout + proc.stderr
@@ -88,6 +88,7 @@ def test_missing_config_file(tmp_path):
 
 def test_env_expansion_secret_not_leaked(tmp_path):
     text = starter_config_text().replace("url: sqlite:queue.db", "url: ${MQI_TEST_BROKER_URL}")
+    (tmp_path / "inbox").mkdir()
     config = tmp_path / "mqi.yaml"
     config.write_text(text)
     proc = run_cli("check", "-c", str(config))
