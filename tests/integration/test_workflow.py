@@ -33,7 +33,7 @@ class RunningHost:
 
     def __init__(self, ws: Workspace, env: dict | None = None) -> None:
         self.ws = ws
-        self.env = dict(os.environ, MQI_STANDIN_SECONDS="0.5", **(env or {}))
+        self.env = {**os.environ, "MQI_STANDIN_SECONDS": "0.5", **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "RunningHost":
