@@ -4,13 +4,16 @@
 * ``register_plugin`` – register a throw-away plugin for one test (unregistered afterwards);
 * ``mqi_workspace`` – a temporary workspace with a fast config (``.config_path``, ``.inbox``,
   ``.cli(...)``, ``.state()``);
-* ``mqi_cli`` – run ``mqi-host`` in a subprocess and get the CompletedProcess.
+* ``mqi_cli`` – run ``mqi-host`` in a subprocess and get the CompletedProcess;
+* :class:`HostProcess` – ``mqi-host run`` on a workspace as a real subprocess, and
+  :func:`wait_final` to wait until cases reach a final state.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -61,6 +64,104 @@ class Workspace:
         from mqi_framework.store import connect
 
         return connect(self.folder / "state.db", readonly=True)
+
+    def query(self, sql: str, *params: Any) -> list[sqlite3.Row]:
+        """Rows of a read-only query on the state database ([] before it exists)."""
+        if not (self.folder / "state.db").exists():
+            return []
+        conn = self.state()
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def cases_by_name(self) -> dict[str, dict]:
+        proc = self.cli("cases", "--json", "--names", check=True)
+        return {c["name"]: c for c in json.loads(proc.stdout)}
+
+    def gpu_allocations(self) -> list[dict]:
+        return [dict(r) for r in self.query("SELECT idx, allocated_step FROM resources WHERE allocated_step IS NOT NULL")]
+
+    def logs(self, lines: int = 15) -> str:
+        out = []
+        for log in sorted((self.folder / "logs").glob("*.log")):
+            out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    def kill_jobs(self) -> None:
+        """SIGKILL every detached job the local executor started in this workspace."""
+        for pid_file in (self.folder / "jobs").glob("*/pid"):
+            try:
+                os.killpg(int(pid_file.read_text().split()[1]), signal.SIGKILL)
+            except (ValueError, IndexError, ProcessLookupError, PermissionError, OSError):
+                pass
+
+
+FINAL_STATES = ("done", "failed", "rejected", "cancelled")
+
+
+def wait_final(ws: Workspace, count: int, timeout: float = 90) -> dict[str, dict]:
+    """Wait until ``count`` cases exist and all are final; return them by folder name."""
+    from mqi_framework.workspace import wait_until
+
+    result: dict[str, dict] = {}
+
+    def done() -> bool:
+        nonlocal result
+        if not (ws.folder / "state.db").exists():
+            return False
+        result = ws.cases_by_name()
+        return len(result) >= count and all(c["state"] in FINAL_STATES for c in result.values())
+
+    if not wait_until(done, timeout, 0.3):
+        raise AssertionError(f"cases not final after {timeout}s: {result}\n{ws.logs()}")
+    return result
+
+
+class HostProcess:
+    """``mqi-host run`` on a workspace, as a subprocess in its own session."""
+
+    def __init__(self, ws: Workspace, env: Optional[dict] = None) -> None:
+        self.ws = ws
+        self.env = {**os.environ, **(env or {})}
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "HostProcess":
+        self._log = open(self.ws.folder / "host-stdout.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mqi_framework.cli", "run", "-c", str(self.ws.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (drain), SIGKILL after ``timeout``; return the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def kill_everything(self) -> None:
+        """SIGKILL the host and every worker, as a crash of the host machine's processes would
+        (detached jobs survive, like jobs on a remote GPU server)."""
+        assert self.proc is not None
+        pids = [r["pid"] for r in self.ws.query("SELECT pid FROM workers WHERE pid IS NOT NULL")]
+        for pid in [self.proc.pid, *pids]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        self.proc.wait()
+        self._log.close()
 
 
 @pytest.fixture

@@ -10,154 +10,30 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from mqi_framework.workspace import fast_config, merge, wait_until
-from mqi_framework.testing import Workspace
+from mqi_framework.testing import Workspace, wait_final
+from mqi_framework.workspace import fast_config, wait_until
 
 pytestmark = pytest.mark.integration
 
-mqi_moqui_samples = pytest.importorskip("mqi_moqui.samples")
-generate_case = mqi_moqui_samples.generate_case
-
-FINAL = {"done", "failed", "rejected", "cancelled"}
-
-
-class RunningHost:
-    """`mqi-host run` as a subprocess in its own session."""
-
-    def __init__(self, ws: Workspace, env: dict | None = None) -> None:
-        self.ws = ws
-        self.env = {**os.environ, "MQI_STANDIN_SECONDS": "0.5", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "RunningHost":
-        self.log = open(self.ws.folder / "host-stdout.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mqi_framework.cli", "run", "-c", str(self.ws.config_path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        return self
-
-    def stop(self, timeout: float = 30) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
-
-    def kill_everything(self) -> None:
-        """SIGKILL the host and every worker process, as a power cut of the host would (jobs survive)."""
-        assert self.proc is not None
-        conn = self.ws.state()
-        pids = [r["pid"] for r in conn.execute("SELECT pid FROM workers WHERE pid IS NOT NULL")]
-        conn.close()
-        for pid in [self.proc.pid, *pids]:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        self.proc.wait()
-        self.log.close()
-
-
-def kill_jobs(ws: Workspace) -> None:
-    jobs = ws.folder / "jobs"
-    if not jobs.is_dir():
-        return
-    for pid_file in jobs.glob("*/pid"):
-        try:
-            data = pid_file.read_text().split()
-            os.killpg(int(data[1] if len(data) > 1 else data[0]), signal.SIGKILL)
-        except (ValueError, IndexError, ProcessLookupError, PermissionError, OSError):
-            pass
-
-
-@pytest.fixture
-def ws(tmp_path):
-    workspace = Workspace(tmp_path / "ws", fast_config())
-    yield workspace
-    kill_jobs(workspace)
-
-
-@pytest.fixture
-def host_factory(ws):
-    hosts: list[RunningHost] = []
-
-    def make(env: dict | None = None, workspace: Workspace | None = None) -> RunningHost:
-        h = RunningHost(workspace or ws, env).start()
-        hosts.append(h)
-        return h
-
-    yield make
-    for h in hosts:
-        if h.proc is not None and h.proc.poll() is None:
-            h.stop()
-
-
-def cases_by_name(ws: Workspace) -> dict[str, dict]:
-    return {c["name"]: c for c in json.loads(ws.cli("cases", "--json", "--names", check=True).stdout)}
-
-
-def wait_final(ws: Workspace, count: int, timeout: float = 90) -> dict[str, dict]:
-    result: dict[str, dict] = {}
-
-    def done() -> bool:
-        nonlocal result
-        if not (ws.folder / "state.db").exists():
-            return False
-        result = cases_by_name(ws)
-        return len(result) >= count and all(c["state"] in FINAL for c in result.values())
-
-    assert wait_until(done, timeout, 0.3), f"cases not final after {timeout}s: {result}\n{host_logs(ws)}"
-    return result
-
-
-def host_logs(ws: Workspace) -> str:
-    out = []
-    for log in sorted((ws.folder / "logs").glob("*.log")):
-        out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
-    return "\n".join(out)
-
-
-def delivery_dir_of(case_dir: Path, beam: int) -> Path:
-    for planinfo in case_dir.glob("*/PlanInfo.txt"):
-        for line in planinfo.read_text().splitlines():
-            key, _, value = line.partition(",")
-            if key.strip() == "DICOM_BEAM_NUMBER" and value.strip() == str(beam):
-                return planinfo.parent
-    raise AssertionError(f"no delivery folder for beam {beam}")
+samples = pytest.importorskip("mqi_moqui.samples")
+generate_case, delivery_dir_of = samples.generate_case, samples.delivery_dir_of
 
 
 def assert_outputs(ws: Workspace, case: dict) -> None:
-    for beam in case["beams"]:
-        out = ws.folder / "results" / case["id"] / "beams" / str(beam["number"]) / "output"
-        assert list(out.glob("*.raw")), f"{case['id']} beam {beam['number']} has no dose"
-        assert (out / "summary.json").is_file()
-
-
-def gpu_allocations(ws: Workspace) -> list:
-    conn = ws.state()
-    try:
-        return [dict(r) for r in conn.execute("SELECT idx, allocated_step FROM resources WHERE allocated_step IS NOT NULL")]
-    finally:
-        conn.close()
+    assert samples.outputs_missing(ws.folder, case) == []
 
 
 def simulate_attempts(ws: Workspace) -> list[int]:
-    conn = ws.state()
-    try:
-        return [r[0] for r in conn.execute("SELECT attempt FROM steps WHERE name = 'simulate'")]
-    finally:
-        conn.close()
+    return [r[0] for r in ws.query("SELECT attempt FROM steps WHERE name = 'simulate'")]
+
+
+def running_simulations(ws: Workspace) -> int:
+    rows = ws.query("SELECT COUNT(*) FROM steps WHERE name = 'simulate' AND state = 'running'")
+    return rows[0][0] if rows else 0
 
 
 # ------------------------------------------------------------------------------------- tests
@@ -173,11 +49,9 @@ def test_three_cases_end_to_end(ws, host_factory):
         assert [b["state"] for b in case["beams"]] == ["done"] * 3  # the setup beam is not simulated
         assert_outputs(ws, case)
     assert host.stop() == 0
-    assert gpu_allocations(ws) == []
+    assert ws.gpu_allocations() == []
     assert simulate_attempts(ws) == [1] * 9
-    conn = ws.state()
-    workers = {r["name"]: r["state"] for r in conn.execute("SELECT name, state FROM workers")}
-    conn.close()
+    workers = {r["name"]: r["state"] for r in ws.query("SELECT name, state FROM workers")}
     assert workers["conductor"] == "stopped" and workers["execute"] == "stopped"
 
 
@@ -185,47 +59,25 @@ def test_worker_killed_mid_beam_reattaches(ws, host_factory):
     generate_case(ws.inbox, "KILLED", seed=7)
     host = host_factory(env={"MQI_STANDIN_SECONDS": "4"})
 
-    def running_job() -> bool:
-        if not (ws.folder / "state.db").exists():
-            return False
-        conn = ws.state()
-        try:
-            return conn.execute("SELECT COUNT(*) FROM steps WHERE name='simulate' AND state='running'").fetchone()[0] > 0
-        finally:
-            conn.close()
-
-    assert wait_until(running_job, 60), host_logs(ws)
-    conn = ws.state()
-    pid = conn.execute("SELECT pid FROM workers WHERE name = 'execute'").fetchone()[0]
-    conn.close()
+    assert wait_until(lambda: running_simulations(ws) > 0, 60), ws.logs()
+    pid = ws.query("SELECT pid FROM workers WHERE name = 'execute'")[0][0]
     os.kill(pid, signal.SIGKILL)
     case = wait_final(ws, 1)["KILLED"]
     assert case["state"] == "done", case
     assert_outputs(ws, case)
     assert simulate_attempts(ws) == [1, 1, 1]  # re-attached: no beam ran twice
-    conn = ws.state()
-    restarts = conn.execute("SELECT restarts FROM workers WHERE name = 'execute'").fetchone()[0]
-    events = [r[0] for r in conn.execute("SELECT message FROM events WHERE kind = 'worker.restart'")]
-    conn.close()
+    restarts = ws.query("SELECT restarts FROM workers WHERE name = 'execute'")[0][0]
+    events = [r[0] for r in ws.query("SELECT message FROM events WHERE kind = 'worker.restart'")]
     assert restarts >= 1 and any("execute" in e for e in events)
     assert host.stop() == 0
-    assert gpu_allocations(ws) == []
+    assert ws.gpu_allocations() == []
 
 
 def test_host_killed_and_restarted_does_not_rerun_beams(ws, host_factory):
     generate_case(ws.inbox, "RESTART", seed=8)
     host = host_factory(env={"MQI_STANDIN_SECONDS": "4"})
 
-    def all_running() -> bool:
-        if not (ws.folder / "state.db").exists():
-            return False
-        conn = ws.state()
-        try:
-            return conn.execute("SELECT COUNT(*) FROM steps WHERE name='simulate' AND state='running'").fetchone()[0] >= 2
-        finally:
-            conn.close()
-
-    assert wait_until(all_running, 60), host_logs(ws)
+    assert wait_until(lambda: running_simulations(ws) >= 2, 60), ws.logs()
     host.kill_everything()
     host_factory(env={"MQI_STANDIN_SECONDS": "4"})
     case = wait_final(ws, 1)["RESTART"]
@@ -258,13 +110,11 @@ def test_incomplete_case_is_flagged_and_not_run_then_completes(tmp_path, host_fa
     host = host_factory(workspace=workspace)
 
     def flagged() -> bool:
-        if not (workspace.folder / "state.db").exists():
-            return False
-        case = cases_by_name(workspace).get("PARTIAL")
+        case = workspace.cases_by_name().get("PARTIAL") if (workspace.folder / "state.db").exists() else None
         return bool(case and case["state"] == "incomplete" and case["attention"])
 
-    assert wait_until(flagged, 30), host_logs(workspace)
-    case = cases_by_name(workspace)["PARTIAL"]
+    assert wait_until(flagged, 30), workspace.logs()
+    case = workspace.cases_by_name()["PARTIAL"]
     assert {b["number"]: b["state"] for b in case["beams"]}[2] == "missing"
     assert simulate_attempts(workspace) == []  # never half-run
     # the missing delivery arrives: the case goes on by itself
@@ -275,7 +125,7 @@ def test_incomplete_case_is_flagged_and_not_run_then_completes(tmp_path, host_fa
     assert case["state"] == "done", case
     assert_outputs(workspace, case)
     host.stop()
-    kill_jobs(workspace)
+    workspace.kill_jobs()
 
 
 def test_nonzero_exit_with_success_log_fails_the_case(ws, host_factory):
@@ -290,7 +140,7 @@ def test_nonzero_exit_with_success_log_fails_the_case(ws, host_factory):
     detail = json.loads(ws.cli("case", case["id"], "--json", check=True).stdout)
     sim2 = [s for s in detail["steps"] if s["step"] == "simulate" and s["beam"] == 2][0]
     assert sim2["attempt"] == 2 and len(sim2["attempts"]) == 2  # retried per policy, then failed
-    assert gpu_allocations(ws) == []
+    assert ws.gpu_allocations() == []
     # retry after fixing the input runs only the failed beam again
     (delivery_dir_of(case_dir, 2) / "STANDIN_MODE").unlink()
     staged = ws.folder / "staging" / case["id"] / "beams" / "2" / "logs" / "STANDIN_MODE"
@@ -307,21 +157,12 @@ def test_cancel_kills_running_jobs_and_releases_gpus(ws, host_factory):
         (delivery_dir_of(case_dir, beam) / "STANDIN_MODE").write_text("hang")
     host_factory()
 
-    def running() -> bool:
-        if not (ws.folder / "state.db").exists():
-            return False
-        conn = ws.state()
-        try:
-            return conn.execute("SELECT COUNT(*) FROM steps WHERE name='simulate' AND state='running'").fetchone()[0] >= 2
-        finally:
-            conn.close()
-
-    assert wait_until(running, 60), host_logs(ws)
+    assert wait_until(lambda: running_simulations(ws) >= 2, 60), ws.logs()
     proc = ws.cli("cancel", "HANGS", "--json")
     assert proc.returncode == 0, proc.stderr
     case = wait_final(ws, 1)["HANGS"]
     assert case["state"] == "cancelled"
     assert {b["state"] for b in case["beams"]} == {"cancelled"}
-    assert gpu_allocations(ws) == []
+    assert ws.gpu_allocations() == []
     for pid_file in (ws.folder / "jobs").glob("*/pid"):
         assert (pid_file.parent / "exit_code").exists(), f"{pid_file.parent.name} still running"

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import yaml
 
 from mqi_framework.testing import run_cli
 from mqi_framework.workspace import fast_config, starter_config_text, write_workspace

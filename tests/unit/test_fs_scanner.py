@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
 
 from mqi_framework.builtin.fs_scanner import FsScanner, FsScannerSettings
 from mqi_framework.protocols import PluginContext

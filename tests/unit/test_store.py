@@ -1,6 +1,5 @@
 """State database: migrations, pragmas, GPU allocation, worker rows."""
 
-import sqlite3
 import threading
 
 import pytest

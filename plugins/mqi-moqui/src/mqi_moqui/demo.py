@@ -12,7 +12,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 DEMO_TIMEOUT_SECONDS = 120.0
 
@@ -33,17 +32,6 @@ def _progress_line(case: dict) -> str:
     return f"{case['id']}  {case['state']:<14} beams {beams}"
 
 
-def _outputs_missing(workspace: Path, case: dict) -> list[str]:
-    missing = []
-    for beam in case["beams"]:
-        out = workspace / "results" / case["id"] / "beams" / str(beam["number"]) / "output"
-        if not list(out.glob("*.raw")):
-            missing.append(f"{case['id']} beam {beam['number']}: no dose in {out}")
-        if not (out / "summary.json").is_file():
-            missing.append(f"{case['id']} beam {beam['number']}: no summary.json in {out}")
-    return missing
-
-
 def run(args: argparse.Namespace) -> int:
     from mqi_framework.config import load_config
     from mqi_framework.host import ProcessHost
@@ -51,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from mqi_framework.store import records
     from mqi_framework.workspace import fast_config, write_workspace
 
-    from mqi_moqui.samples import generate_case
+    from mqi_moqui.samples import generate_case, outputs_missing
 
     if args.cases < 1 or args.gpus < 1:
         print("error: --cases and --gpus must be at least 1", file=sys.stderr)
@@ -106,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         if len(case["beams"]) != 3 or any(b["state"] != "done" for b in case["beams"]):
             problems.append(f"{case['id']}: beams {[(b['number'], b['state']) for b in case['beams']]}")
-        problems.extend(_outputs_missing(folder, case))
+        problems.extend(outputs_missing(folder, case))
     print()
     print(f"results:  {folder / 'results'}")
     print(f"database: {loaded.database_path}")

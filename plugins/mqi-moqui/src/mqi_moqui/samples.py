@@ -203,6 +203,32 @@ def generate_case(
     return case_dir
 
 
+
+def delivery_dir_of(case_dir: Path, beam: int) -> Path:
+    """The delivery folder of ``case_dir`` whose PlanInfo.txt names ``beam`` (for tests and tools)."""
+    for planinfo in sorted(Path(case_dir).glob("*/PlanInfo.txt")):
+        for line in planinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(",")
+            if key.strip().lstrip("\ufeff") == "DICOM_BEAM_NUMBER" and value.strip() == str(beam):
+                return planinfo.parent
+    raise FileNotFoundError(f"no delivery folder for beam {beam}")
+
+
+def outputs_missing(workspace: Path, case: dict) -> list[str]:
+    """What a finished case lacks in ``workspace/results``: a dose and a summary per beam.
+
+    ``case`` is one entry of ``mqi-host cases --json``.
+    """
+    missing = []
+    for beam in case["beams"]:
+        out = Path(workspace) / "results" / case["id"] / "beams" / str(beam["number"]) / "output"
+        if not list(out.glob("*.raw")):
+            missing.append(f"{case['id']} beam {beam['number']}: no dose in {out}")
+        if not (out / "summary.json").is_file():
+            missing.append(f"{case['id']} beam {beam['number']}: no summary.json in {out}")
+    return missing
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mqi-sample-case",

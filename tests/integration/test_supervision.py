@@ -1,0 +1,113 @@
+"""Supervision, timeouts, rejected input, a worker alone and the DLQ through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mqi_framework.broker import open_broker
+from mqi_framework.testing import Workspace, wait_final
+from mqi_framework.workspace import fast_config, wait_until
+
+pytestmark = pytest.mark.integration
+samples = pytest.importorskip("mqi_moqui.samples")
+generate_case, delivery_dir_of = samples.generate_case, samples.delivery_dir_of
+
+
+def worker_row(ws: Workspace, name: str) -> dict:
+    rows = ws.query("SELECT * FROM workers WHERE name = ?", name)
+    return dict(rows[0]) if rows else {}
+
+
+def test_hung_worker_is_killed_and_restarted(tmp_path, host_factory):
+    workspace = Workspace(tmp_path / "ws", fast_config(overrides={"supervision": {"hung_after_seconds": 3}}))
+    host = host_factory(workspace=workspace)
+    assert wait_until(lambda: worker_row(workspace, "scan").get("state") == "running", 30)
+    pid = worker_row(workspace, "scan")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # alive but silent: only the heartbeat shows it
+    assert wait_until(lambda: worker_row(workspace, "scan").get("restarts", 0) >= 1, 30), workspace.logs()
+    assert wait_until(lambda: worker_row(workspace, "scan").get("pid") not in (None, pid)
+                      and worker_row(workspace, "scan").get("state") == "running", 30)
+    events = [r[0] for r in workspace.query("SELECT message FROM events WHERE kind = 'worker.restart'")]
+    assert any("hung" in e for e in events)
+    # the restarted scanner works: a case still goes through
+    generate_case(workspace.inbox, "AFTER-HANG", seed=2)
+    assert wait_final(workspace, 1)["AFTER-HANG"]["state"] == "done"
+    assert host.stop() == 0
+
+
+def test_timeout_kills_the_job_fails_the_beam_and_frees_the_gpu(tmp_path, host_factory):
+    config = fast_config()
+    simulate = config["workflow"]["steps"][2]
+    simulate["timeout_seconds"] = 1.5
+    simulate["retry"]["max_attempts"] = 1
+    workspace = Workspace(tmp_path / "ws", config)
+    case_dir = generate_case(workspace.inbox, "SLOW", seed=9)
+    (delivery_dir_of(case_dir, 1) / "STANDIN_MODE").write_text("hang")
+    host_factory(workspace=workspace)
+    case = wait_final(workspace, 1)["SLOW"]
+    workspace.kill_jobs()
+    assert case["state"] == "failed"
+    beam1 = {b["number"]: b for b in case["beams"]}[1]
+    assert beam1["state"] == "failed" and "timed out" in beam1["message"]
+    assert workspace.gpu_allocations() == []
+
+
+def test_unusable_plan_is_rejected_and_never_run(ws, host_factory):
+    bad = ws.inbox / "BROKEN PLAN"
+    bad.mkdir(parents=True)
+    (bad / "RP.broken.dcm").write_bytes(b"not dicom at all")
+    (bad / "_CASE_READY").touch()
+    empty = ws.inbox / "NO PLAN"
+    empty.mkdir()
+    (empty / "_CASE_READY").touch()
+    host_factory()
+    cases = wait_final(ws, 2)
+    for name in ("BROKEN PLAN", "NO PLAN"):
+        assert cases[name]["state"] == "rejected", cases[name]
+        assert cases[name]["attention"]
+    assert "RT Ion Plan" in cases["NO PLAN"]["message"]
+    assert not (ws.folder / "remote").exists() or not any((ws.folder / "remote").iterdir())
+
+
+def test_one_worker_alone_drains_on_sigterm(ws):
+    proc = subprocess.Popen([sys.executable, "-m", "mqi_framework.cli", "worker", "scan", "-c", str(ws.config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_until(lambda: worker_row(ws, "scan").get("state") == "running", 30)
+        generate_case(ws.inbox, "ALONE", seed=1)
+        broker = open_broker(f"sqlite:///{ws.folder / 'queue.db'}")
+        assert wait_until(lambda: broker.depth("mqi.events") >= 1, 20)  # it announced the case
+        broker.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert worker_row(ws, "scan")["state"] == "stopped"
+    unknown = ws.cli("worker", "nobody")
+    assert unknown.returncode == 2 and "nobody" in unknown.stderr
+
+
+def test_dlq_list_replay_purge_through_the_cli(ws):
+    assert ws.cli("check").returncode == 0
+    broker = open_broker(f"sqlite:///{ws.folder / 'queue.db'}")
+    broker.publish("mqi.execute", {"type": "run_step", "case": "case-000009", "step": "simulate"})
+    delivery = broker.get("mqi.execute", timeout=1)
+    assert broker.nack(delivery, reason="RuntimeError: boom", retry=False) is False
+    listed = json.loads(ws.cli("dlq", "list", "--json", check=True).stdout)
+    assert len(listed) == 1 and listed[0]["reason"] == "RuntimeError: boom" and listed[0]["queue"] == "mqi.execute"
+    assert "case-000009" in ws.cli("dlq", "list", check=True).stdout
+    assert "replayed 1" in ws.cli("dlq", "replay", listed[0]["id"], check=True).stdout
+    assert broker.depth("mqi.execute") == 1
+    delivery = broker.get("mqi.execute", timeout=1)
+    assert delivery.message_id == listed[0]["message_id"]
+    broker.nack(delivery, reason="again", retry=False)
+    assert "purged 1" in ws.cli("dlq", "purge", "--all", check=True).stdout
+    assert json.loads(ws.cli("dlq", "list", "--json", check=True).stdout) == []
+    broker.close()
