@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 EVENTS_QUEUE = "mqi.events"
 FINAL = rec.FINAL_CASE_STATES
 IN_FLIGHT = rec.IN_FLIGHT_STEP_STATES
+BOOKKEEPING_DAYS = 7.0  # sent outbox rows and remembered event ids are kept this long
 
 
 def command_queue(worker: str) -> str:
@@ -67,6 +68,7 @@ class Conductor:
         self.rng = rng or random.Random()
         self.actor = actor
         self._changes: list[tuple[str, str, str, dict]] = []
+        self._last_prune = 0.0
 
     # ================================================================ entry points
 
@@ -116,6 +118,11 @@ class Conductor:
                 FINAL,
             ).fetchall():
                 self._advance(case["id"])
+            if now - self._last_prune > 3600:
+                self._last_prune = now
+                horizon = now - BOOKKEEPING_DAYS * 86400
+                self.conn.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (horizon,))
+                self.conn.execute("DELETE FROM processed_messages WHERE at < ?", (horizon,))
         self._flush_notifications()
 
     def relay_outbox(self, limit: int = 500) -> int:

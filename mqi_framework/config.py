@@ -26,8 +26,9 @@ DEFAULT_KIND_BY_NAME = {
     "postprocess": "executor",
     "curate": "curator",
     "archive": "archiver",
+    "dashboard": "service",
 }
-WORKER_KINDS = ("scanner", "interpreter", "transfer", "executor", "curator", "archiver")
+WORKER_KINDS = ("scanner", "interpreter", "transfer", "executor", "curator", "archiver", "service")
 RESERVED_WORKER_NAMES = ("conductor", "host")
 WORKER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -94,7 +95,7 @@ class WorkerConfig:
     """A worker process: which plugin it runs and that plugin's own settings."""
 
     plugin: str
-    kind: Optional[str] = None  # scanner|interpreter|transfer|executor|curator|archiver
+    kind: Optional[str] = None  # scanner|interpreter|transfer|executor|curator|archiver|service
     settings: dict[str, Any] = attrs.field(factory=dict)
     enabled: bool = True
     interval_seconds: float = 1.0  # how often scanners, curators and job pollers look

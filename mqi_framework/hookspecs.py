@@ -89,6 +89,18 @@ def mqi_register_interpreters(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def mqi_register_services(register: Callable[[type], None]) -> None:
+    """Register long-running services (e.g. a dashboard).
+
+    :param register: call ``register(cls)`` with a subclass of
+        :class:`mqi_framework.protocols.Service`.
+
+    Called once, when the plugin registry is first built. A worker of ``kind: service``
+    runs the service's ``serve(stop)`` as one of the host's supervised processes.
+    """
+
+
+@hookspec
 def mqi_register_commands(register: Callable[..., None]) -> None:
     """Register extra ``mqi-host`` subcommands.
 

@@ -40,6 +40,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "curator": ("mqi_register_curators", p.Curator),
     "archiver": ("mqi_register_archivers", p.Archiver),
     "interpreter": ("mqi_register_interpreters", p.Interpreter),
+    "service": ("mqi_register_services", p.Service),
 }
 
 BUILTIN_DISTRIBUTION = "mqi-host"

@@ -11,6 +11,7 @@ The core never imports a plugin; plugins import this module.
 from __future__ import annotations
 
 import abc
+import threading
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
 
@@ -26,12 +27,16 @@ class PluginContext:
 
     ``workspace`` is the host's working folder (database, staging, results, logs);
     ``worker`` is the name of the worker section that created the instance (``None``
-    when the CLI creates it, e.g. for ``mqi-host check``).
+    when the CLI creates it, e.g. for ``mqi-host check``); ``state_db`` and
+    ``broker_url`` locate the state database and the broker (services such as a
+    dashboard read them; workers report through events instead).
     """
 
     workspace: Path
     worker: Optional[str] = None
     config_path: Optional[Path] = None
+    state_db: Optional[Path] = None
+    broker_url: Optional[str] = None
 
 
 class Plugin(abc.ABC):
@@ -231,6 +236,18 @@ class Archiver(Plugin):
     @abc.abstractmethod
     def run(self, state_db: Path) -> ArchiveResult:
         """Back up ``state_db`` (consistent online copy) and apply retention."""
+
+
+# --------------------------------------------------------------------------- services
+
+
+class Service(Plugin):
+    """A long-running side service of the host (e.g. the dashboard), run by a worker of
+    kind ``service``: ``serve`` blocks until ``stop`` is set, then returns promptly."""
+
+    @abc.abstractmethod
+    def serve(self, stop: threading.Event) -> None:
+        """Serve until ``stop`` is set. Exceptions end the worker (the host restarts it)."""
 
 
 # --------------------------------------------------------------------------- interpret

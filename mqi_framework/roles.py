@@ -115,6 +115,35 @@ class ArchiveRole(Role):
         stop_archive_scheduler(self.scheduler)
 
 
+class ServiceRole(Role):
+    """Runs a service's ``serve(stop)`` in a thread; a service that dies ends the worker."""
+
+    def __init__(self, runtime: Any, impl: p.Service) -> None:
+        import threading
+
+        super().__init__(runtime, impl)
+        self.stop = threading.Event()
+        self.failure: Optional[BaseException] = None
+
+        def target() -> None:
+            try:
+                impl.serve(self.stop)
+            except BaseException as exc:  # reported by tick(); the host restarts the worker
+                self.failure = exc
+                log.exception("service %s failed", runtime.name)
+
+        self.thread = threading.Thread(target=target, name=f"service-{runtime.name}", daemon=True)
+        self.thread.start()
+
+    def tick(self) -> None:
+        if not self.thread.is_alive() and not self.stop.is_set():
+            raise SystemExit(f"service {self.runtime.name} stopped: {self.failure!r}")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
 class PrepareRole(Role):
     """Interprets a case folder and writes the per-beam inputs into staging."""
 
@@ -166,7 +195,7 @@ class TransferRole(Role):
         last = [0.0]
 
         def progress(pr: p.TransferProgress) -> None:
-            self.runtime.heartbeat()
+            self.runtime.keep_alive()
             now = time.monotonic()
             if now - last[0] >= 0.5 or pr.files_done == pr.files_total:
                 last[0] = now
@@ -295,5 +324,6 @@ ROLE_BY_KIND: dict[str, type[Role]] = {
     "interpreter": PrepareRole,
     "transfer": TransferRole,
     "executor": ExecuteRole,
+    "service": ServiceRole,
 }
 

@@ -41,7 +41,8 @@ def make_broker(loaded: LoadedConfig) -> Broker:
 
 
 def plugin_context(loaded: LoadedConfig, worker: Optional[str]) -> p.PluginContext:
-    return p.PluginContext(workspace=loaded.workspace, worker=worker, config_path=loaded.path)
+    return p.PluginContext(workspace=loaded.workspace, worker=worker, config_path=loaded.path,
+                           state_db=loaded.database_path, broker_url=loaded.broker_url)
 
 
 def build_worker_plugin(loaded: LoadedConfig, name: str, host: Optional[plugins.PluginHost] = None) -> p.Plugin:
@@ -67,6 +68,8 @@ class WorkerRuntime:
         self.heartbeat_every = loaded.config.supervision.heartbeat_seconds
         self._last_heartbeat = 0.0
         self._last_tick = 0.0
+        self._current: Optional[Delivery] = None
+        self._current_since = 0.0
         self.role: Any = None
         self.conductor: Optional[Conductor] = None
         if name == CONDUCTOR:
@@ -149,10 +152,10 @@ class WorkerRuntime:
             log.exception("%s: periodic work failed; trying again in %.1fs", self.name, self.interval)
 
     def _handle(self, delivery: Delivery) -> None:
+        self._current, self._current_since = delivery, time.monotonic()
         try:
             if self.conductor is not None:
                 self.conductor.handle_event(delivery.body, delivery.message_id)
-                self.conductor.relay_outbox()
             else:
                 self.role.handle(delivery.body)
         except Exception as exc:
@@ -166,7 +169,22 @@ class WorkerRuntime:
                             outcome="failed", permanent=permanent,
                             message=f"dead-lettered after {delivery.attempt} delivery(ies): {type(exc).__name__}: {exc}")
             return
+        finally:
+            self._current = None
         self.broker.ack(delivery)
+        if self.conductor is not None:
+            try:
+                self.conductor.relay_outbox()
+            except Exception:  # the outbox keeps the commands; the next tick relays them
+                log.exception("%s: relaying the outbox failed; will retry", self.name)
+
+    def keep_alive(self) -> None:
+        """Heartbeat and, during a long message (a big transfer), extend its broker lease."""
+        self.heartbeat()
+        lease = self.loaded.config.broker.lease_seconds
+        if self._current is not None and time.monotonic() - self._current_since > lease / 2:
+            self.broker.extend(self._current, lease)
+            self._current_since = time.monotonic()
 
     def close(self) -> None:
         for closer in (getattr(self.role, "close", None), getattr(getattr(self, "impl", None), "close", None),
