@@ -284,6 +284,43 @@ def _actor() -> str:
         return "cli"
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from mqi_framework.store import records
+    from mqi_framework.worker import make_broker
+
+    loaded = _load(args)
+    conn = _state(loaded)
+    now = time.time()
+    counts = {r[0]: r[1] for r in conn.execute("SELECT state, COUNT(*) FROM cases GROUP BY state")}
+    attention = conn.execute("SELECT COUNT(*) FROM cases WHERE attention = 1").fetchone()[0]
+    workers = records.workers(conn)
+    gpus = records.gpus(conn)
+    broker = make_broker(loaded)
+    try:
+        consuming = [n for n in loaded.config.workers if loaded.worker_kind(n) in ("interpreter", "transfer", "executor")]
+        queues = {q: broker.depth(q) for q in ["mqi.events"] + [f"mqi.{n}" for n in consuming]}
+        dead = len(broker.dlq_list())
+    finally:
+        broker.close()
+    if args.json:
+        _print_json({"cases": counts, "attention": attention, "workers": workers, "gpus": gpus,
+                     "queues": queues, "dead_letters": dead})
+        return EXIT_OK
+    print("cases:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
+          + (f"  ({attention} need attention)" if attention else ""))
+    print("workers:")
+    for w in workers:
+        beat = f"{now - w['heartbeat_at']:.0f}s ago" if w["heartbeat_at"] else "never"
+        print(f"  {w['name']:<12} {w['state']:<10} pid {w['pid'] or '-':<7} heartbeat {beat:<9} "
+              f"restarts {w['restarts']}{'  ' + w['message'] if w['message'] else ''}")
+    print("gpus:")
+    for g in gpus:
+        held = f"beam step {g['allocated_step']}" if g["allocated_step"] else "free"
+        print(f"  {g['host']}:{g['idx']} {g['name']} {'healthy' if g['healthy'] else 'UNHEALTHY'} {held}")
+    print("queues:  " + ", ".join(f"{q} {d}" for q, d in queues.items()) + f"; dead letters {dead}")
+    return EXIT_OK
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     from mqi_framework.worker import make_broker
 
@@ -381,6 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("status", help="workers (heartbeats, restarts), GPUs, queue depths, cases by state")
+    _add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("dlq", help="dead-lettered messages: list, replay, purge")
     p.add_argument("action", choices=["list", "replay", "purge"])

@@ -7,7 +7,7 @@ import pytest
 from mqi_framework.testing import run_cli
 from mqi_framework.workspace import fast_config, starter_config_text, write_workspace
 
-SUBCOMMANDS = ["init", "check", "run", "worker", "cases", "case", "retry", "cancel", "dlq", "demo"]
+SUBCOMMANDS = ["init", "check", "run", "worker", "cases", "case", "retry", "cancel", "dlq", "status", "demo"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -114,3 +114,24 @@ def test_dlq_commands_on_empty_queue(tmp_path):
     assert run_cli("dlq", "replay", "-c", str(path)).returncode == 2
     proc = run_cli("dlq", "purge", "--all", "-c", str(path))
     assert proc.returncode == 0 and "purged 0" in proc.stdout
+
+
+def test_generated_docs_are_current():
+    from mqi_framework import docgen
+
+    assert docgen.main(["--check"]) == 0, "run: python -m mqi_framework.docgen"
+
+
+def test_cli_import_stays_light():
+    # llm#732: heavy imports at start-up made --help slow; keep plugins and libraries lazy.
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", "import mqi_framework.cli"],
+                          capture_output=True, text=True, check=True)
+    heavy = {"pydicom", "apscheduler", "flask", "paramiko", "pika", "waitress", "cattrs", "yaml"}
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()[1:]}
+    assert not (heavy & imported), heavy & imported
+    cumulative_us = [int(line.split("|")[1]) for line in proc.stderr.splitlines()[1:]
+                     if line.split("|")[-1].strip() == "mqi_framework.cli"]
+    assert cumulative_us and cumulative_us[0] < 300_000  # the CLI module with everything it imports
