@@ -25,17 +25,21 @@ def copy_verified(src: Path, dst: Path, *, on_bytes: Optional[Callable[[int], No
     part = dst.with_name(dst.name + ".part")
     dst.parent.mkdir(parents=True, exist_ok=True)
     source_hash = hashlib.sha256()
-    with open(src, "rb") as fin, open(part, "wb") as fout:
-        while True:
-            chunk = fin.read(CHUNK)
-            if not chunk:
-                break
-            source_hash.update(chunk)
-            fout.write(chunk)
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-        fout.flush()
-        os.fsync(fout.fileno())
+    try:
+        with open(src, "rb") as fin, open(part, "wb") as fout:
+            while True:
+                chunk = fin.read(CHUNK)
+                if not chunk:
+                    break
+                source_hash.update(chunk)
+                fout.write(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+            fout.flush()
+            os.fsync(fout.fileno())
+    except BaseException:
+        part.unlink(missing_ok=True)  # a full disk or an interruption leaves no half file behind
+        raise
     digest = source_hash.hexdigest()
     written = sha256_file(part)
     if written != digest:

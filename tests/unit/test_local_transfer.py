@@ -85,3 +85,34 @@ def test_remote_root_is_enforced(tmp_path, tree):
 def test_missing_source_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         transfer(tmp_path).upload(tmp_path / "none", str(tmp_path / "remote"), lambda p: None)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk (needs root, as in CI)."""
+    import subprocess
+
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a tmpfs for the full-disk test: {proc.stderr.decode()}")
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_is_a_clear_error_and_leaves_no_half_files(tmp_path, tiny_disk):
+    import errno
+
+    src = tmp_path / "big"
+    src.mkdir()
+    for i in range(3):
+        (src / f"log{i}.ptn").write_bytes(os.urandom(600_000))
+    before = {p.name: sha256_file(p) for p in src.iterdir()}
+    with pytest.raises(OSError) as err:
+        transfer(tmp_path).upload(src, str(tiny_disk / "case-000001"), lambda p: None)
+    assert err.value.errno == errno.ENOSPC
+    assert not list(tiny_disk.rglob("*.part"))
+    assert {p.name: sha256_file(p) for p in src.iterdir()} == before  # the source is untouched
