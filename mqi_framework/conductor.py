@@ -118,12 +118,29 @@ class Conductor:
                 FINAL,
             ).fetchall():
                 self._advance(case["id"])
+            self._reconcile_unstarted(now)
             if now - self._last_prune > 3600:
                 self._last_prune = now
                 horizon = now - BOOKKEEPING_DAYS * 86400
                 self.conn.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (horizon,))
                 self.conn.execute("DELETE FROM processed_messages WHERE at < ?", (horizon,))
         self._flush_notifications()
+
+    def _reconcile_unstarted(self, now: float) -> None:
+        """A command no worker started within every lease and retry it had (dead-lettered,
+        or its queue has no worker) fails its attempt, so its GPU is released and the
+        step's retry policy applies, instead of holding the case forever."""
+        broker = self.cfg.broker
+        grace = broker.lease_seconds * (broker.max_attempts + 1) + 60
+        for row in self.conn.execute(
+            "SELECT s.id, s.attempt FROM steps s JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempt "
+            "WHERE s.state = 'dispatched' AND a.dispatched_at < ?", (now - grace,)
+        ).fetchall():
+            self._on_step_finished({
+                "type": "step.finished", "step_id": row["id"], "attempt": row["attempt"], "outcome": "failed",
+                "worker": "conductor",
+                "message": f"no worker started it within {grace:.0f}s (dead-lettered? see `mqi-host dlq list`)",
+            })
 
     def relay_outbox(self, limit: int = 500) -> int:
         """Publish unsent outbox rows (each confirmed by the broker), then mark them sent."""

@@ -223,3 +223,19 @@ def test_events_are_append_only(env):
         conn.execute("DELETE FROM events")
     with pytest.raises(sqlite3.DatabaseError, match="append-only"):
         conn.execute("UPDATE events SET message = 'x'")
+
+
+def test_command_nobody_started_is_failed_and_its_gpu_released(env):
+    conductor, conn, clock, _ = env
+    detect_and_prepare(conductor, conn)
+    sims = commands(conn, "mqi.execute")
+    send(conductor, {"type": "step.started", "step_id": sims[1]["step_id"], "attempt": 1, "job": {}})
+    clock.now += 3600
+    conductor.tick()
+    first = conn.execute("SELECT * FROM steps WHERE id = ?", (sims[0]["step_id"],)).fetchone()
+    assert first["state"] == "waiting" and "no worker started it" in first["message"]
+    running = conn.execute("SELECT state FROM steps WHERE id = ?", (sims[1]["step_id"],)).fetchone()[0]
+    assert running == "running"  # a started job is never reconciled away
+    holders = {r[0] for r in conn.execute("SELECT allocated_step FROM resources WHERE allocated_step IS NOT NULL")}
+    third = commands(conn, "mqi.execute")[-1]
+    assert third["beam"] == 3 and holders == {sims[1]["step_id"], third["step_id"]}  # the freed GPU moved on
