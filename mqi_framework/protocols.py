@@ -188,6 +188,11 @@ class Executor(Plugin):
     def missing_outputs(self, patterns: list[str]) -> list[str]:
         """Return the glob patterns that match no file on the execution side."""
 
+    def progress(self, handle: JobHandle) -> Optional[tuple[float, str]]:
+        """Progress of a running job as (fraction 0..1, text), or None when the executor
+        cannot tell (the step's log rules may still tell from the log)."""
+        return None
+
 
 # --------------------------------------------------------------------------- curate
 

@@ -294,16 +294,18 @@ class ExecuteRole(Role):
         return "ok", "exit code 0" + (" and the log shows success" if verdict is not None else "")
 
     def _progress(self, body: dict, handle: p.JobHandle) -> None:
-        if not body.get("log_rules"):
-            return
         now = time.monotonic()
         if now - self.last_progress.get(body["step_id"], 0.0) < 1.0:
             return
         self.last_progress[body["step_id"]] = now
-        verdict = self._interpreter().parse_log(self.impl.read_log(handle, 16384))
-        if verdict.progress is not None:
-            self.report("step.progress", step_id=body["step_id"], attempt=body["attempt"], progress=verdict.progress,
-                        text=verdict.message)
+        reported = self.impl.progress(handle)
+        if reported is None and body.get("log_rules"):
+            verdict = self._interpreter().parse_log(self.impl.read_log(handle, 16384))
+            if verdict.progress is not None:
+                reported = (verdict.progress, verdict.message)
+        if reported is not None:
+            self.report("step.progress", step_id=body["step_id"], attempt=body["attempt"], progress=reported[0],
+                        text=reported[1])
 
     def _final(self, body: dict, outcome: str, message: str, handle: p.JobHandle, exit_code: Optional[int] = None) -> None:
         tail = ""
