@@ -218,6 +218,8 @@ def cmd_case(args: argparse.Namespace) -> int:
     from mqi_framework.store import records
 
     loaded = _load(args)
+    if args.wait is not None:
+        return _wait_for_case(loaded, args)
     conn = _state(loaded)
     detail = records.case_detail(conn, _find(conn, args.id), show_names=args.names)
     if args.json:
@@ -242,6 +244,37 @@ def cmd_case(args: argparse.Namespace) -> int:
             print(f"    {_when(event['at'])} {event['kind']}{' beam ' + str(event['beam']) if event['beam'] else ''}"
                   f" {event['message']} ({event['actor']})")
     return EXIT_OK
+
+
+def _wait_for_case(loaded, args: argparse.Namespace) -> int:
+    """Wait until the case exists and is final; print its state; 0 only when it is done."""
+    from mqi_framework.store import records
+
+    deadline = time.monotonic() + args.wait
+    shown = None
+    while True:
+        row = None
+        if loaded.database_path.exists():
+            conn = _state(loaded)
+            try:
+                row = records.find_case(conn, args.id)
+                summary = records.case_summary(conn, row, show_names=False) if row is not None else None
+            finally:
+                conn.close()
+        if row is not None:
+            line = f"{summary['id']}: {summary['state']}  beams " + (
+                " ".join(f"{b['number']}:{b['state']}" for b in summary["beams"]) or "-")
+            if line != shown and not args.json:
+                print(line, flush=True)
+                shown = line
+            if summary["state"] in records.FINAL_CASE_STATES:
+                if args.json:
+                    _print_json(summary)
+                return EXIT_OK if summary["state"] == "done" else EXIT_FAILED
+        if time.monotonic() >= deadline:
+            print(f"error: {args.id!r} is not finished after {args.wait:.0f}s", file=sys.stderr)
+            return EXIT_FAILED
+        time.sleep(0.5)
 
 
 def _steer(args: argparse.Namespace, action: Callable[..., str]) -> int:
@@ -402,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", help="case id (case-000042) or folder name")
     _add_config(p)
     p.add_argument("--events", action="store_true", help="also print the audit log")
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="wait until the case exists and is finished (exit 0 only when done)")
     p.add_argument("--names", action="store_true", help="show the case folder name (may be a patient id)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_case)
