@@ -66,6 +66,13 @@ class Role:
                      self.runtime.name, body.get("step"), body.get("attempt"), state)
         return False
 
+    def begin(self, body: dict, **extra: Any) -> bool:
+        """Accept the command and report its start; False when it must not run."""
+        if not self.accept(body):
+            return False
+        self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time(), **extra)
+        return True
+
     def finished(self, body: dict, outcome: str, message: str = "", **extra: Any) -> None:
         self.report("step.finished", step_id=body["step_id"], attempt=body["attempt"], outcome=outcome,
                     message=message, **extra)
@@ -150,37 +157,33 @@ class PrepareRole(Role):
     consumes = True
 
     def handle(self, body: dict) -> None:
-        if not self.accept(body):
+        if not self.begin(body):
             return
-        self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time())
         case_dir = Path(body["case_path"])
         inbox = Path(body["inbox"])
         if case_dir.is_symlink() or not is_within(inbox, case_dir) or not case_dir.is_dir():
             self.finished(body, "rejected", "the case folder is missing or lies outside its inbox (symlink?)")
             return
         try:
-            plan = self.impl.interpret(case_dir)
+            outcome, message, data = self._prepare(case_dir, body)
         except p.CaseRejected as exc:
-            self.finished(body, "rejected", str(exc))
-            return
+            outcome, message, data = "rejected", str(exc), {}
+        self.finished(body, outcome, message, data=data)
+
+    def _prepare(self, case_dir: Path, body: dict) -> tuple[str, str, dict]:
+        plan = self.impl.interpret(case_dir)
         data: dict[str, Any] = {
             "beams": [{"number": b.number, "name": b.name, "delivery_dir": b.delivery_dir} for b in plan.beams],
             "missing": list(plan.missing),
             "info": dict(plan.info),
         }
         if plan.missing:
-            self.finished(body, "incomplete",
-                          f"waiting for delivery of beam(s) {', '.join(map(str, sorted(plan.missing)))}", data=data)
-            return
+            return "incomplete", f"waiting for delivery of beam(s) {', '.join(map(str, sorted(plan.missing)))}", data
         staging = Path(body["staging_dir"])
         staging.mkdir(parents=True, exist_ok=True)
-        try:
-            inputs = self.impl.prepare(case_dir, plan, staging, body["remote_dir"])
-        except p.CaseRejected as exc:
-            self.finished(body, "rejected", str(exc))
-            return
+        inputs = self.impl.prepare(case_dir, plan, staging, body["remote_dir"])
         data["inputs"] = {str(k): v for k, v in inputs.items()}
-        self.finished(body, "ok", f"{len(plan.beams)} treatment beam(s) prepared", data=data)
+        return "ok", f"{len(plan.beams)} treatment beam(s) prepared", data
 
 
 class TransferRole(Role):
@@ -189,9 +192,8 @@ class TransferRole(Role):
     consumes = True
 
     def handle(self, body: dict) -> None:
-        if not self.accept(body):
+        if not self.begin(body):
             return
-        self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time())
         last = [0.0]
 
         def progress(pr: p.TransferProgress) -> None:
