@@ -93,6 +93,10 @@ def config_markdown() -> str:
     out += [f"| `{{{k}}}` | {v} |" for k, v in config.COMMAND_FIELDS.items()]
     out += ["| `{name}` | any key of `workflow.vars` |", "", "## Sections", ""]
     _section(config.MqiConfig, "", out, {config.MqiConfig})
+    from mqi_framework.workspace import starter_config_text
+
+    out += ["## Example", "", "The starter config written by `mqi-host init` (the same as "
+            "`examples/quickstart/mqi.yaml`):", "", "```yaml", starter_config_text().rstrip(), "```"]
     return "\n".join(out)
 
 
