@@ -166,12 +166,16 @@ def _check_plugins_for(loaded) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mqi_framework.host import ProcessHost
+    from mqi_framework.host import ProcessHost, WorkspaceBusy
 
     loaded = _load(args)
     _check_plugins_for(loaded)
     _setup_logging(loaded.config.logging.level, args.debug)
     host = ProcessHost(loaded)
+    try:
+        host.lock()
+    except WorkspaceBusy as exc:
+        raise UsageError(str(exc)) from None
     print(f"mqi-host running: workspace {loaded.workspace}; logs in {host.log_dir}; Ctrl-C stops", file=sys.stderr)
     return host.run_forever()
 

@@ -9,6 +9,7 @@ audit log.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -40,6 +41,10 @@ class Supervised:
     restart_at: Optional[float] = None
 
 
+class WorkspaceBusy(Exception):
+    """Another ``mqi-host run`` already supervises this workspace."""
+
+
 class ProcessHost:
     """Starts, watches and stops the host's processes."""
 
@@ -53,6 +58,7 @@ class ProcessHost:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.extra_env = extra_env or {}
         self.stopping = False
+        self._lock = None
 
     def command(self, name: str) -> list[str]:
         assert self.loaded.path is not None
@@ -69,7 +75,27 @@ class ProcessHost:
         rec.worker_state(self.conn, child.name, "process", pid=child.proc.pid, state="starting", heartbeat=False)
         log.info("started %s (pid %d, log %s)", child.name, child.proc.pid, log_path)
 
+    def lock(self) -> None:
+        """Hold ``<workspace>/host.lock`` while running: two hosts on one workspace would
+        fight over the same workers and jobs."""
+        path = self.loaded.workspace / "host.lock"
+        self._lock = open(path, "a+")
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "?"
+            self._lock.close()
+            raise WorkspaceBusy(f"another mqi-host run (pid {holder}) is using the workspace {self.loaded.workspace}; "
+                                f"stop it first") from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f"{os.getpid()}\n")
+        self._lock.flush()
+
     def start(self) -> None:
+        if getattr(self, "_lock", None) is None:
+            self.lock()
         for child in self.children.values():
             self.spawn(child)
 

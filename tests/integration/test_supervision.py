@@ -111,3 +111,10 @@ def test_dlq_list_replay_purge_through_the_cli(ws):
     assert "purged 1" in ws.cli("dlq", "purge", "--all", check=True).stdout
     assert json.loads(ws.cli("dlq", "list", "--json", check=True).stdout) == []
     broker.close()
+
+
+def test_a_second_host_on_the_same_workspace_is_refused(ws, host_factory):
+    host_factory()
+    assert wait_until(lambda: worker_row(ws, "conductor").get("state") == "running", 30)
+    second = ws.cli("run", timeout=30)
+    assert second.returncode == 2 and "another mqi-host run" in second.stderr
