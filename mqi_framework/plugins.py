@@ -234,6 +234,16 @@ class PluginHost:
             f"`mqi-host --plugins` lists what is installed."
         )
 
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Call every implementation of a notification hook on its own: one that raises is
+        logged and does not stop the others (pluggy would stop at the first exception)."""
+        hook = getattr(self.pm.hook, hook_name)
+        for impl in reversed(hook.get_hookimpls()):
+            try:
+                impl.function(**{name: kwargs[name] for name in impl.argnames})
+            except Exception:
+                log.exception("plugin %r failed in %s; ignored", impl.plugin_name, hook_name)
+
     # ------------------------------------------------------------------ introspection
 
     def get_plugins(self) -> list[dict]:

@@ -104,7 +104,7 @@ class WorkerRuntime:
         return build_worker_plugin(self.loaded, self.loaded.interpreter_worker(), self.plugin_host)  # type: ignore
 
     def _notify(self, **kwargs: Any) -> None:
-        self.plugin_host.pm.hook.mqi_case_state_changed(**kwargs)
+        self.plugin_host.notify("mqi_case_state_changed", **kwargs)
 
     # ---------------------------------------------------------------- loop
 
