@@ -134,7 +134,7 @@ class Conductor:
         grace = broker.lease_seconds * (broker.max_attempts + 1) + 60
         for row in self.conn.execute(
             "SELECT s.id, s.attempt FROM steps s JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempt "
-            "WHERE s.state = 'dispatched' AND a.dispatched_at < ?", (now - grace,)
+            "WHERE s.job IS NULL AND s.state IN ('dispatched', 'cancelling') AND a.dispatched_at < ?", (now - grace,)
         ).fetchall():
             self._on_step_finished({
                 "type": "step.finished", "step_id": row["id"], "attempt": row["attempt"], "outcome": "failed",

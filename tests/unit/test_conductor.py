@@ -239,3 +239,13 @@ def test_command_nobody_started_is_failed_and_its_gpu_released(env):
     holders = {r[0] for r in conn.execute("SELECT allocated_step FROM resources WHERE allocated_step IS NOT NULL")}
     third = commands(conn, "mqi.execute")[-1]
     assert third["beam"] == 3 and holders == {sims[1]["step_id"], third["step_id"]}  # the freed GPU moved on
+
+
+def test_cancel_of_a_command_nobody_took_finishes_after_the_grace(env):
+    conductor, conn, clock, _ = env
+    detect_and_prepare(conductor, conn)
+    assert conductor.cancel("C1") == "cancelling"  # two simulate commands were dispatched, none started
+    clock.now += 3600
+    conductor.tick()
+    assert case_row(conn)["state"] == "cancelled"
+    assert conn.execute("SELECT COUNT(*) FROM resources WHERE allocated_step IS NOT NULL").fetchone()[0] == 0
