@@ -40,6 +40,7 @@ EVENTS_QUEUE = "mqi.events"
 FINAL = rec.FINAL_CASE_STATES
 IN_FLIGHT = rec.IN_FLIGHT_STEP_STATES
 BOOKKEEPING_DAYS = 7.0  # sent outbox rows and remembered event ids are kept this long
+GPU_RECONCILE_GRACE_SECONDS = 60.0  # a GPU held by a step not in flight is freed after this
 
 
 def command_queue(worker: str) -> str:
@@ -91,6 +92,7 @@ class Conductor:
                 rec.add_event(self.conn, "event.unknown", f"unknown event type {kind!r} ignored")
             else:
                 handler(body)
+            self._schedule_gpus()
         self._flush_notifications()
 
     def tick(self) -> None:
@@ -105,7 +107,7 @@ class Conductor:
                 self.conn.execute("UPDATE cases SET attention = 1, updated_at = ? WHERE id = ?", (now, case["id"]))
                 rec.add_event(self.conn, "case.flagged", f"incomplete for more than "
                               f"{rules.incomplete_flag_after_seconds:.0f}s: {case['message']}", case_id=case["id"])
-                log.warning("%s flagged: %s", case["uid"], case["message"])
+                log.warning("case=%s: flagged: %s", case["uid"], case["message"])
             for case in self.conn.execute(
                 "SELECT * FROM cases WHERE state = 'incomplete' AND next_check_at <= ?", (now,)
             ).fetchall():
@@ -119,6 +121,8 @@ class Conductor:
             ).fetchall():
                 self._advance(case["id"])
             self._reconcile_unstarted(now)
+            self._reconcile_allocations(now)
+            self._schedule_gpus()
             if now - self._last_prune > 3600:
                 self._last_prune = now
                 horizon = now - BOOKKEEPING_DAYS * 86400
@@ -173,6 +177,7 @@ class Conductor:
             rec.add_event(self.conn, "case.cancel", "cancel requested", case_id=case["id"], actor=actor)
             self._set_case(case, "cancelling", f"cancel requested by {actor}")
             self._advance(case["id"])
+            self._schedule_gpus()
             state = self._case(case["id"])["state"]
         self._flush_notifications()
         return state
@@ -216,6 +221,7 @@ class Conductor:
             self._set_case(case, "detected" if case["step_index"] == 0 or state in ("rejected", "incomplete")
                            else self.steps[case["step_index"]].label, f"retry requested by {actor}")
             self._advance(case["id"])
+            self._schedule_gpus()
             new_state = self._case(case["id"])["state"]
         self._flush_notifications()
         return new_state
@@ -237,7 +243,7 @@ class Conductor:
         self.conn.execute("UPDATE cases SET uid = ? WHERE id = ?", (uid, case_id))
         rec.add_event(self.conn, "case.detected", f"ready ({body.get('reason', '')})", case_id=case_id,
                       actor=body.get("worker", "scan"))
-        log.info("%s detected (%s)", uid, body.get("reason", ""))
+        log.info("case=%s: detected (%s)", uid, body.get("reason", ""))
         self._changes.append((uid, "", "detected", {"reason": body.get("reason", "")}))
         self._advance(case_id)
 
@@ -320,8 +326,8 @@ class Conductor:
                 self._finish_step(row, "failed", message, exit_code)
                 if beam:
                     self._set_beam(row["case_id"], beam, "failed", message)
-                log.warning("%s %s%s failed for good: %s", case["uid"], row["name"],
-                            f" beam {beam}" if beam else "", message)
+                log.warning("case=%s%s step=%s attempt=%s: failed for good: %s", case["uid"],
+                            f" beam={beam}" if beam else "", row["name"], row["attempt"], message)
         self._advance(row["case_id"])
 
     # ================================================================ the state machine
@@ -363,11 +369,41 @@ class Conductor:
                 if row["state"] in ("pending", "queued") or (
                     row["state"] == "waiting" and (row["next_attempt_at"] or 0) <= now
                 ):
-                    self._dispatch(case, index, step, row)
+                    if step.gpu:  # GPUs are handed out across cases by _schedule_gpus, in fair order
+                        self._enqueue_for_gpu(case, row)
+                    else:
+                        self._dispatch(case, index, step, row)
             return
         # every step done for every beam: the case is done
         self._finalise_beams(case_id, "done", "")
         self._set_case(case, "done", "", final=True)
+
+    def _enqueue_for_gpu(self, case: sqlite3.Row, row: sqlite3.Row) -> None:
+        if row["state"] != "queued":
+            self.conn.execute("UPDATE steps SET state = 'queued' WHERE id = ?", (row["id"],))
+            self._set_beam(case["id"], row["beam_number"] or None, "queued", "waiting for a free GPU")
+
+    def _schedule_gpus(self) -> None:
+        """Hand free GPUs to queued beams in the order of :func:`records.gpu_queue`
+        (fewest GPUs held by the case first, then case arrival, then beam number)."""
+        while rec.has_free_gpu(self.conn):
+            nxt = rec.gpu_queue(self.conn, limit=1)
+            if not nxt:
+                return
+            row = self.conn.execute("SELECT * FROM steps WHERE id = ?", (nxt[0]["step_id"],)).fetchone()
+            case = self._case(row["case_id"])
+            self._dispatch(case, row["step_index"], self.steps[row["step_index"]], row)
+            if self.conn.execute("SELECT state FROM steps WHERE id = ?", (row["id"],)).fetchone()[0] == "queued":
+                return  # no GPU after all (cannot happen inside one transaction; never loop)
+
+    def _reconcile_allocations(self, now: float) -> None:
+        """Free GPUs held by steps that are no longer in flight (left by a crash or a hand edit).
+        A running step keeps its GPU until its executor reports it: its job may still use it."""
+        for gpu in rec.release_orphaned_gpus(self.conn, now - GPU_RECONCILE_GRACE_SECONDS):
+            rec.add_event(self.conn, "gpu.reconciled", f"GPU {gpu['host']}:{gpu['idx']} was held by step "
+                          f"{gpu['allocated_step']}, which is not in flight: released")
+            log.warning("GPU %s:%s was held by step %s, which is not in flight: released", gpu["host"], gpu["idx"],
+                        gpu["allocated_step"])
 
     def _ensure_step_rows(self, case: sqlite3.Row, index: int, step: StepConfig) -> list[sqlite3.Row]:
         numbers = [0]
@@ -502,7 +538,7 @@ class Conductor:
         if old != state:
             rec.add_event(self.conn, "case.state", f"{old} -> {state}" + (f": {message}" if message else ""),
                           case_id=case["id"], actor=self.actor)
-            log.info("%s %s -> %s%s", case["uid"], old, state, f" ({message})" if message else "")
+            log.info("case=%s: %s -> %s%s", case["uid"], old, state, f" ({message})" if message else "")
             self._changes.append((case["uid"], old, state, {"reason": message}))
 
     def _set_beam(self, case_id: int, number: Optional[int], state: str, message: str) -> None:

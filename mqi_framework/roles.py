@@ -22,6 +22,12 @@ log = logging.getLogger(__name__)
 Report = Callable[..., None]
 
 
+def fields(body: dict) -> str:
+    """The structured prefix of every log line about a step: case, beam, step, attempt."""
+    beam = f" beam={body['beam']}" if body.get("beam") else ""
+    return f"case={body.get('case')}{beam} step={body.get('step')} attempt={body.get('attempt')}"
+
+
 class PermanentError(Exception):
     """Retrying cannot help (bad input, unsafe path): the step fails at once."""
 
@@ -62,8 +68,7 @@ class Role:
         if state == "cancelling":
             self.finished(body, "cancelled", "cancelled before it started")
         else:
-            log.info("%s: dropping superseded command for step %s attempt %s (now %s)",
-                     self.runtime.name, body.get("step"), body.get("attempt"), state)
+            log.info("%s: superseded command dropped (step is %s now)", fields(body), state)
         return False
 
     def begin(self, body: dict, **extra: Any) -> bool:
@@ -71,11 +76,14 @@ class Role:
         if not self.accept(body):
             return False
         self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time(), **extra)
+        log.info("%s: started", fields(body))
         return True
 
     def finished(self, body: dict, outcome: str, message: str = "", **extra: Any) -> None:
         self.report("step.finished", step_id=body["step_id"], attempt=body["attempt"], outcome=outcome,
                     message=message, **extra)
+        (log.info if outcome == "ok" else log.warning)("%s: %s%s", fields(body), outcome,
+                                                          f" ({message})" if message else "")
 
 
 class ScanRole(Role):
@@ -103,7 +111,9 @@ class CurateRole(Role):
 
         readings = self.impl.observe()
         with transaction(self.runtime.conn):
-            records.record_gpu_readings(self.runtime.conn, self.impl.name + ":" + self.runtime.name, readings)
+            records.record_gpu_readings(self.runtime.conn, self.impl.name + ":" + self.runtime.name, readings,
+                                        history_spacing=self.impl.history_spacing_seconds,
+                                        history_keep=self.impl.history_keep_seconds)
 
 
 class ArchiveRole(Role):
@@ -234,11 +244,12 @@ class ExecuteRole(Role):
         if not self.accept(body):
             return
         spec = p.JobSpec(job_key=body["job_key"], command=body["command"], workdir=body["workdir"],
-                         timeout=body.get("timeout"), env=dict(body.get("env") or {}))
+                         timeout=body.get("timeout"), env=dict(body.get("env") or {}), gpu=body.get("gpu"))
         handle = self.impl.start(spec)
         self.started[body["step_id"]] = (body, handle)
         self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time(),
                     job={"executor": handle.executor, "job_key": handle.job_key, "data": handle.data})
+        log.info("%s: job %s started detached", fields(body), handle.job_key)
 
     def _running(self) -> dict[int, tuple[dict, p.JobHandle, str]]:
         jobs: dict[int, tuple[dict, p.JobHandle, str]] = {}
@@ -287,6 +298,7 @@ class ExecuteRole(Role):
             verdict = self._interpreter().parse_log(self.impl.read_log(handle, 262144))
         if status.exit_code != 0:
             detail = f": {verdict.message}" if verdict is not None and verdict.message else ""
+            detail += f" ({status.message})" if status.message else ""
             return "failed", f"exit code {status.exit_code}{detail}"
         if verdict is not None and verdict.outcome != "success":
             return "failed", f"exit code 0 but the log does not show success{': ' + verdict.message if verdict.message else ''}"
