@@ -332,6 +332,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     attention = conn.execute("SELECT COUNT(*) FROM cases WHERE attention = 1").fetchone()[0]
     workers = records.workers(conn)
     gpus = records.gpus(conn)
+    gpu_queue = records.gpu_queue(conn)
     broker = make_broker(loaded)
     try:
         consuming = [n for n in loaded.config.workers if loaded.worker_kind(n) in ("interpreter", "transfer", "executor")]
@@ -341,7 +342,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         broker.close()
     if args.json:
         _print_json({"cases": counts, "attention": attention, "workers": workers, "gpus": gpus,
-                     "queues": queues, "dead_letters": dead})
+                     "gpu_queue": gpu_queue, "queues": queues, "dead_letters": dead})
         return EXIT_OK
     print("cases:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
           + (f"  ({attention} need attention)" if attention else ""))
@@ -353,7 +354,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("gpus:")
     for g in gpus:
         held = f"beam step {g['allocated_step']}" if g["allocated_step"] else "free"
-        print(f"  {g['host']}:{g['idx']} {g['name']} {'healthy' if g['healthy'] else 'UNHEALTHY'} {held}")
+        health = "healthy" if g["healthy"] else "UNHEALTHY"
+        if g["healthy"] and not g["eligible"]:
+            health = "busy"
+        print(f"  {g['host']}:{g['idx']} {g['name']} {health} {held}{'  (' + g['note'] + ')' if g['note'] else ''}")
+    if gpu_queue:
+        first = gpu_queue[0]
+        waited = f", waiting {now - first['queued_since']:.0f}s" if first["queued_since"] else ""
+        print(f"gpu queue: {len(gpu_queue)} beam(s) waiting for a GPU; next {first['case']} beam {first['beam']}"
+              f" ({first['step']}{waited})")
+    else:
+        print("gpu queue: empty")
     print("queues:  " + ", ".join(f"{q} {d}" for q, d in queues.items()) + f"; dead letters {dead}")
     return EXIT_OK
 

@@ -212,8 +212,8 @@ class Conductor:
                                       "next_attempt_at = NULL, message = '' WHERE id = ?",
                                       (step.retry.max_attempts, row["id"]))
                 self.conn.execute(f"UPDATE beams SET state = 'pending', message = '', updated_at = ? "
-                                  f"WHERE case_id = ? AND state IN ('failed', 'cancelled'){beam_filter}",
-                                  [now] + params)
+                                  f"WHERE case_id = ? AND state IN ('failed', 'cancelled')"
+                                  f"{beam_filter.replace('beam_number', 'number')}", [now] + params)
             self.conn.execute("UPDATE cases SET attention = 0, finished_at = NULL, incomplete_since = NULL, "
                               "next_check_at = NULL WHERE id = ?", (case["id"],))
             rec.add_event(self.conn, "case.retry", f"retry requested{f' for beam {beam}' if beam else ''}",

@@ -103,13 +103,15 @@ class WorkerConfig:
 
 @attrs.frozen
 class BrokerConfig:
-    """Where commands and events travel. ``sqlite:`` paths are relative to the workspace."""
+    """Where commands and events travel: ``sqlite:`` (embedded; paths relative to the workspace) or
+    ``amqp://user:${AMQP_PASSWORD}@host:5672/vhost`` (RabbitMQ, see docs/brokers.md)."""
 
     url: str = "sqlite:queue.db"
     lease_seconds: float = 120.0
     max_attempts: int = 5
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0
+    queue_prefix: str = ""  # RabbitMQ: put before every queue name (hosts sharing a vhost; tests)
 
 
 @attrs.frozen

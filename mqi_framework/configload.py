@@ -281,8 +281,8 @@ def _from_cattrs(exc: BaseException, path: str, lines: dict[str, int]) -> list[C
     if isinstance(exc, (ClassValidationError, IterableValidationError)):
         for sub in exc.exceptions:
             note = next((n for n in getattr(sub, "__notes__", []) if n), "")
-            name = getattr(note, "name", None)
-            index = getattr(note, "index", None)
+            name = getattr(note, "name", None) if not isinstance(note, str) else None
+            index = getattr(note, "index", None) if not isinstance(note, str) else None
             child = path
             if name is not None:
                 child = f"{path}.{name}" if path else str(name)

@@ -140,6 +140,9 @@ class JobSpec:
     workdir: str
     timeout: Optional[float] = None
     env: dict = attrs.field(factory=dict)
+    #: the GPU allocated to this job (``{"host", "index", "uuid"}``) for steps with
+    #: ``gpu: true``, else None; an executor that serves several GPU hosts routes by ``host``
+    gpu: Optional[dict] = None
 
 
 @attrs.frozen
@@ -199,7 +202,13 @@ class Executor(Plugin):
 
 @attrs.frozen
 class GpuReading:
-    """One GPU as observed by a curator. ``None`` where the source reports N/A."""
+    """One GPU as observed by a curator. ``None`` where the source reports N/A.
+
+    ``healthy`` is False for a GPU that is broken or cannot be read; ``eligible`` is False
+    for a healthy GPU that must not take a beam now (too little free memory, busy with
+    someone else's work). Only healthy, eligible, unallocated GPUs are allocated.
+    ``note`` says why, for people.
+    """
 
     host: str
     index: int
@@ -211,11 +220,20 @@ class GpuReading:
     utilization_pct: Optional[int] = None
     temperature_c: Optional[int] = None
     healthy: bool = True
+    eligible: bool = True
+    note: str = ""
 
 
 class Curator(Plugin):
     """Observes resources (GPUs). Allocation itself is done by the core in one SQLite
-    transaction per beam; a curator only says what exists and how it is doing."""
+    transaction per beam; a curator only says what exists and how it is doing.
+
+    Readings also go into a history for charts: at most one row per GPU every
+    ``history_spacing_seconds``, kept for ``history_keep_seconds`` (a curator may set
+    both from its settings)."""
+
+    history_spacing_seconds: float = 60.0
+    history_keep_seconds: float = 7 * 86400.0
 
     @abc.abstractmethod
     def observe(self) -> list[GpuReading]:

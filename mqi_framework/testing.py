@@ -72,6 +72,10 @@ class Workspace:
         conn = self.state()
         try:
             return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # created, not yet migrated by the host
+                return []
+            raise
         finally:
             conn.close()
 

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from mqi_framework import plugins, protocols as p
 from mqi_framework.broker import open_broker
-from mqi_framework.broker.base import Broker, Delivery, RetryPolicy
+from mqi_framework.broker.base import Broker, BrokerUnavailable, Delivery, RetryPolicy
 from mqi_framework.config import LoadedConfig
 from mqi_framework.conductor import EVENTS_QUEUE, Conductor, command_queue
 from mqi_framework.store import open_state
@@ -31,12 +31,16 @@ CONDUCTOR = "conductor"
 
 
 def make_broker(loaded: LoadedConfig) -> Broker:
+    """The configured broker. It knows the host's queues (events + one per worker) so that
+    ``dlq_list()`` finds every dead letter on RabbitMQ too."""
     b = loaded.config.broker
     return open_broker(
         loaded.broker_url,
         retry=RetryPolicy(max_attempts=b.max_attempts, base_seconds=b.retry_base_seconds,
                           max_seconds=b.retry_max_seconds),
         lease_seconds=b.lease_seconds,
+        prefix=b.queue_prefix,
+        queues=[EVENTS_QUEUE] + [command_queue(name) for name in loaded.config.workers],
     )
 
 
@@ -148,6 +152,8 @@ class WorkerRuntime:
                 self.conductor.relay_outbox()
             else:
                 self.role.tick()
+        except BrokerUnavailable as exc:  # the broker is away: what was not sent is sent on a later tick
+            log.warning("%s: %s; trying again in %.1fs", self.name, exc, self.interval)
         except Exception:
             log.exception("%s: periodic work failed; trying again in %.1fs", self.name, self.interval)
 
@@ -175,14 +181,17 @@ class WorkerRuntime:
         if self.conductor is not None:
             try:
                 self.conductor.relay_outbox()
+            except BrokerUnavailable as exc:  # the outbox keeps the commands; the next tick relays them
+                log.warning("%s: relaying the outbox failed (%s); will retry", self.name, exc)
             except Exception:  # the outbox keeps the commands; the next tick relays them
                 log.exception("%s: relaying the outbox failed; will retry", self.name)
 
     def keep_alive(self) -> None:
-        """Heartbeat and, during a long message (a big transfer), extend its broker lease."""
+        """Heartbeat and, during a long message (a big transfer), extend its broker lease
+        (on RabbitMQ: service the connection's heartbeats, at least every 10 s)."""
         self.heartbeat()
         lease = self.loaded.config.broker.lease_seconds
-        if self._current is not None and time.monotonic() - self._current_since > lease / 2:
+        if self._current is not None and time.monotonic() - self._current_since > min(lease / 2, 10.0):
             self.broker.extend(self._current, lease)
             self._current_since = time.monotonic()
 

@@ -6,29 +6,35 @@ Accepted URLs:
 * ``sqlite:relative/path.db``: embedded SQLite broker, path relative to the current directory
   (``HostContext.broker_url`` resolves workspace-relative ``sqlite:`` URLs before this)
 * a bare filesystem path (``/var/lib/mqi/queue.db``, ``queue.db``): embedded SQLite broker
-* ``amqp://…`` / ``amqps://…``: RabbitMQ (not installed yet)
+* ``amqp://user:pass@host:5672/vhost`` / ``amqps://…`` (TLS): RabbitMQ (:mod:`.rabbitmq`, pika);
+  the default vhost ``/`` is written ``%2F``; query options: pika's (``heartbeat=60``,
+  ``connection_attempts``, ``socket_timeout``, ...) and ``queue_type=auto|quorum|classic``
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable
 
-from .base import Broker, BrokerError, DeadLetter, Delivery, RetryPolicy
+from .base import Broker, BrokerError, BrokerUnavailable, DeadLetter, Delivery, RetryPolicy, redact_url
 
 if TYPE_CHECKING:  # the backend modules are imported on first use
+    from .rabbitmq import RabbitBroker
     from .sqlite import QueueStats, SqliteBroker
 
 __all__ = [
     "Broker",
     "BrokerError",
+    "BrokerUnavailable",
     "DeadLetter",
     "Delivery",
     "QueueStats",
+    "RabbitBroker",
     "RetryPolicy",
     "SqliteBroker",
     "open_broker",
+    "redact_url",
 ]
 
 _ACCEPTED = ("sqlite:///abs/path.db, sqlite:relative/path.db, a bare filesystem path, "
@@ -58,11 +64,17 @@ def sqlite_path(url: str) -> Path:
     return Path(rest).expanduser()
 
 
-def open_broker(url: str, *, retry: RetryPolicy = RetryPolicy(), lease_seconds: float = 60.0) -> Broker:
+def open_broker(url: str, *, retry: RetryPolicy = RetryPolicy(), lease_seconds: float = 60.0,
+                prefix: str = "", queues: Iterable[str] = ()) -> Broker:
     """Open the broker ``url`` names (see the module docstring for the accepted forms).
 
+    ``prefix`` is prepended to every queue name and ``queues`` names the queues the caller
+    uses (so that ``dlq_list()`` without a queue finds their dead letters); both matter to
+    RabbitMQ only: the embedded SQLite queue belongs to one workspace and lists itself.
+
     Raises ValueError for a URL of no accepted form and BrokerError when the backend
-    cannot be used.
+    cannot be used. RabbitMQ connects on first use, so that is where an unreachable
+    broker, wrong credentials or a missing vhost show (as BrokerError).
     """
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"broker URL must be a non-empty string; accepted forms: {_ACCEPTED}")
@@ -70,14 +82,17 @@ def open_broker(url: str, *, retry: RetryPolicy = RetryPolicy(), lease_seconds: 
     scheme_match = _SCHEME.match(url)
     scheme = scheme_match.group(1).lower() if scheme_match else None
     if scheme in ("amqp", "amqps"):
-        raise BrokerError(
-            "the RabbitMQ backend is not installed yet (a later release adds it); "
-            "use the embedded broker for now, e.g. broker.url: sqlite:queue.db")
+        try:
+            from .rabbitmq import RabbitBroker
+        except ImportError as exc:  # pika is a dependency; a broken install says so
+            raise BrokerError(f"the RabbitMQ backend needs pika (pip install 'pika>=1.3'): {exc}") from None
+
+        return RabbitBroker(url, retry=retry, lease_seconds=lease_seconds, prefix=prefix, queues=queues)
     if url.startswith("sqlite:") or scheme is None:
         from .sqlite import SqliteBroker
 
         return SqliteBroker(sqlite_path(url), retry=retry, lease_seconds=lease_seconds)
-    raise ValueError(f"unsupported broker URL scheme {scheme!r} in {url!r}; accepted forms: {_ACCEPTED}")
+    raise ValueError(f"unsupported broker URL scheme {scheme!r} in {redact_url(url)!r}; accepted forms: {_ACCEPTED}")
 
 
 def __getattr__(name: str) -> Any:
@@ -85,4 +100,8 @@ def __getattr__(name: str) -> Any:
         from . import sqlite
 
         return getattr(sqlite, name)
+    if name == "RabbitBroker":
+        from . import rabbitmq
+
+        return rabbitmq.RabbitBroker
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

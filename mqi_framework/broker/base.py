@@ -15,13 +15,23 @@ Semantics (the contract tests in ``tests/contract/`` check each of them):
   is dead-lettered exactly once; nothing of it stays in the live queue.
 * Dead letters keep queue, body, reason and attempts; ``dlq_replay`` puts them back on
   their queue with a fresh attempt count; ``dlq_purge`` deletes them.
+
+Backends differ in two documented ways, exposed as class attributes so that callers and
+the contract tests can tell (see ``docs/brokers.md``):
+
+* ``supports_lease_expiry``: the lease runs out after ``lease_seconds`` (SQLite). On
+  RabbitMQ a delivery stays leased for as long as the consumer's connection lives and is
+  redelivered the moment that connection dies; ``extend`` only keeps the connection alive.
+* ``depth_counts_leased``: ``depth`` includes messages a consumer holds (SQLite). RabbitMQ
+  does not report unacked deliveries over AMQP, so there ``depth`` is ready + delayed.
 """
 
 from __future__ import annotations
 
 import abc
 import random
-from typing import Any, Iterable, Optional
+import re
+from typing import Any, ClassVar, Iterable, Optional
 
 import attrs
 
@@ -61,14 +71,35 @@ class DeadLetter:
     dead_at: float
 
 
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^:/@]*):[^/]*@")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (safe for messages and logs)."""
+    return _USERINFO.sub(r"\1:***@", url)
+
+
 class BrokerError(Exception):
     """The broker could not be reached or refused an operation (retryable by callers)."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker cannot be reached right now (down, restarting, network): try again later.
+
+    Other :class:`BrokerError` s are problems a retry does not fix (wrong credentials, a
+    missing virtual host, a queue declared with other arguments).
+    """
 
 
 class Broker(abc.ABC):
     """A durable message queue with leases, retries and a dead-letter queue."""
 
     retry: RetryPolicy
+
+    #: a leased message comes back by itself after ``lease_seconds`` (else: when its consumer's connection dies)
+    supports_lease_expiry: ClassVar[bool] = True
+    #: ``depth`` counts messages a consumer holds right now
+    depth_counts_leased: ClassVar[bool] = True
 
     @abc.abstractmethod
     def publish(self, queue: str, body: dict, *, message_id: Optional[str] = None, delay: float = 0.0) -> str:

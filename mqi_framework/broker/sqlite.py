@@ -91,7 +91,7 @@ class SqliteBroker(Broker):
         *,
         retry: RetryPolicy = RetryPolicy(),
         lease_seconds: float = 60.0,
-        poll_interval: float = 0.05,
+        poll_interval: float = 0.01,
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds!r}")
@@ -284,10 +284,22 @@ class SqliteBroker(Broker):
         return Delivery(queue=queue, message_id=message_id, body=json.loads(body),
                         attempt=attempt, tag=(row_id, token))
 
+    def _anything_to_lease(self, queue: str) -> bool:
+        """A cheap read (no write lock): is a message visible, or a lease run out?"""
+        now = time.time()
+        with self._read() as conn:
+            return conn.execute(
+                "SELECT 1 FROM messages WHERE queue = ? AND visible_at <= ?"
+                " AND (leased_until IS NULL OR leased_until < ?) LIMIT 1",
+                (queue, now, now),
+            ).fetchone() is not None
+
     def get(self, queue: str, *, timeout: float = 0.0) -> Optional[Delivery]:
+        """Lease the next message; while waiting, poll every ``poll_interval`` seconds with a
+        read that takes no write lock (idle consumers do not contend with writers)."""
         deadline = time.monotonic() + max(0.0, float(timeout))
         while True:
-            delivery = self._try_lease(queue)
+            delivery = self._try_lease(queue) if self._anything_to_lease(queue) else None
             if delivery is not None:
                 return delivery
             remaining = deadline - time.monotonic()

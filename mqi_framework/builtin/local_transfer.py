@@ -1,6 +1,17 @@
 """``core.local`` transfer: copies a tree on this machine (the embedded default, and the
-model for remote transfers): ``.part`` files renamed only after their SHA-256 matched the
-source, a manifest written last, verified files skipped on a re-run."""
+model for remote transfers).
+
+Every file is written as ``<name>.part``, hashed (SHA-256) while it streams, hashed again
+from disk and renamed over its final name only when both match the source. A manifest
+``.mqi-manifest.json`` (relative path → sha256, size) is written into the destination
+last, so its presence means the tree is complete. A re-run skips files whose destination
+already has the source's size and SHA-256; leftover ``.part`` files are replaced.
+
+Symlinks in the source are never followed or copied (skipped with a warning), and a
+destination folder that is a symlink leading out of the destination is refused.
+``<name>.part`` files in a source tree are in-flight files by convention and are not
+transferred.
+"""
 
 from __future__ import annotations
 
@@ -13,42 +24,65 @@ from typing import Optional
 import attrs
 
 from mqi_framework import hookimpl
-from mqi_framework.hashing import copy_verified, sha256_file
-from mqi_framework.protocols import ProgressCallback, Transfer, TransferProgress, TransferResult
+from mqi_framework.hashing import copy_verified, fsync_dir, part_path, sha256_file
+from mqi_framework.protocols import PluginContext, ProgressCallback, Transfer, TransferProgress, TransferResult
 from mqi_framework.safepath import PathEscapeError, is_within
 
 log = logging.getLogger(__name__)
 
 MANIFEST = ".mqi-manifest.json"
+PART_SUFFIX = ".part"
 
 
 @attrs.frozen
 class LocalTransferSettings:
     """Settings of the ``core.local`` transfer."""
 
-    root: Optional[str] = None  # when set, every remote folder must lie inside it
+    #: when set, every remote folder must lie inside it (symlinks followed), else PathEscapeError
+    root: Optional[str] = None
+    #: give copied files the source's modification time
     preserve_mtime: bool = True
 
 
-def _walk(root: Path) -> list[tuple[str, Path, int]]:
-    """(relative posix path, path, size) of every regular file; symlinks are skipped."""
-    out = []
+@attrs.frozen
+class _SourceFile:
+    rel: str  # relative posix path
+    path: Path
+    size: int
+
+
+def _walk(root: Path) -> list[_SourceFile]:
+    """Every regular file under ``root``, sorted by relative path. Symlinks (to files or
+    folders) are skipped with a warning, never followed; ``*.part`` files and the
+    top-level manifest are left out."""
+    out: list[_SourceFile] = []
+    links = parts = 0
     stack = [root]
     while stack:
         folder = stack.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.is_symlink():
-                    log.warning("skipping a symlink in a transfer tree (never followed)")
+                    links += 1
                     continue
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False):
-                    if entry.name == MANIFEST or entry.name.endswith(".part"):
+                    if entry.name.endswith(PART_SUFFIX):
+                        parts += 1
+                        continue
+                    if entry.name == MANIFEST and folder == root:
                         continue
                     path = Path(entry.path)
-                    out.append((path.relative_to(root).as_posix(), path, entry.stat(follow_symlinks=False).st_size))
-    return sorted(out)
+                    out.append(_SourceFile(path.relative_to(root).as_posix(), path,
+                                           entry.stat(follow_symlinks=False).st_size))
+                # sockets, fifos, devices: not part of a case tree
+    if links:
+        log.warning("transfer from %s: skipped %d symlink(s) (symlinks are never followed or copied)", root, links)
+    if parts:
+        log.warning("transfer from %s: skipped %d unfinished *.part file(s)", root, parts)
+    out.sort(key=lambda f: f.rel)
+    return out
 
 
 class LocalTransfer(Transfer):
@@ -57,13 +91,23 @@ class LocalTransfer(Transfer):
     name = "core.local"
     settings_class = LocalTransferSettings
 
-    def __init__(self, settings: Optional[LocalTransferSettings], context) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, settings: Optional[LocalTransferSettings], context: PluginContext) -> None:
         super().__init__(settings or LocalTransferSettings(), context)
+
+    def check(self) -> list[str]:
+        root = self.settings.root
+        if root is not None and not Path(root).is_dir():
+            return [f"transfer root {root} does not exist or is not a folder"]
+        return []
 
     def _remote(self, remote_dir: str) -> Path:
         path = Path(remote_dir)
-        if self.settings.root is not None and not is_within(Path(self.settings.root), path):
-            raise PathEscapeError(f"remote folder {remote_dir} lies outside the transfer root {self.settings.root}")
+        root = self.settings.root
+        if root is not None:
+            if not path.is_absolute():
+                path = Path(root) / path
+            if not is_within(Path(root), path):
+                raise PathEscapeError(f"remote folder {remote_dir} lies outside the transfer root {root}")
         return path
 
     def upload(self, local_dir: Path, remote_dir: str, progress: ProgressCallback) -> TransferResult:
@@ -74,36 +118,64 @@ class LocalTransfer(Transfer):
 
     def _copy_tree(self, src: Path, dst: Path, progress: ProgressCallback) -> TransferResult:
         if not src.is_dir():
-            raise FileNotFoundError(f"transfer source folder {src} does not exist")
+            raise FileNotFoundError(f"transfer source folder {src} does not exist (or is not a folder)")
+        if is_within(src, dst) or is_within(dst, src):
+            raise ValueError(f"transfer source {src} and destination {dst} overlap")
         files = _walk(src)
-        total = sum(size for _, _, size in files)
+        total = sum(f.size for f in files)
         dst.mkdir(parents=True, exist_ok=True)
         manifest: dict[str, dict] = {}
         done_bytes = skipped = 0
-        for count, (rel, path, size) in enumerate(files, start=1):
-            target = dst / rel
-            source_hash = None
-            if target.is_file() and not target.is_symlink() and target.stat().st_size == size:
-                source_hash = sha256_file(path)
-                if sha256_file(target) == source_hash:
-                    skipped += 1
-                else:
-                    source_hash = None
-            if source_hash is None:
-                source_hash = copy_verified(path, target)  # hashed while streaming, verified before rename
+        folders: set[Path] = {dst}
+        for count, item in enumerate(files, start=1):
+            target = dst.joinpath(*item.rel.split("/"))
+            if not is_within(dst, target.parent):
+                raise PathEscapeError(f"destination folder {target.parent} leads outside {dst} (a symlink?)")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = self._verified_copy_present(item, target)
+            if digest is not None:
+                skipped += 1
+                part_path(target).unlink(missing_ok=True)  # a leftover from an interrupted copy
+            else:
+                digest = copy_verified(item.path, target, sync_dir=False)
+                folders.add(target.parent)
                 if self.settings.preserve_mtime:
-                    stat = path.stat()
+                    stat = item.path.stat()
                     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-            manifest[rel] = {"sha256": source_hash, "size": size}
-            done_bytes += size
+            manifest[item.rel] = {"sha256": digest, "size": target.stat().st_size}
+            done_bytes += item.size
             progress(TransferProgress(files_done=count, files_total=len(files), bytes_done=done_bytes,
                                       bytes_total=total))
-        part = dst / (MANIFEST + ".part")
-        part.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(part, dst / MANIFEST)
+        for folder in folders:
+            fsync_dir(folder)
+        self._write_manifest(dst, manifest)
         if not files:
-            progress(TransferProgress(0, 0, 0, 0))
+            progress(TransferProgress(files_done=0, files_total=0, bytes_done=0, bytes_total=0))
         return TransferResult(files=len(files), bytes=total, skipped=skipped)
+
+    @staticmethod
+    def _verified_copy_present(item: _SourceFile, target: Path) -> Optional[str]:
+        """The source's SHA-256 when ``target`` is a regular file with the same size and
+        SHA-256 (nothing to copy), else None."""
+        try:
+            if target.is_symlink() or not target.is_file() or target.stat().st_size != item.size:
+                return None
+        except OSError:
+            return None
+        digest = sha256_file(item.path)
+        return digest if sha256_file(target) == digest else None
+
+    @staticmethod
+    def _write_manifest(dst: Path, manifest: dict[str, dict]) -> None:
+        final = dst / MANIFEST
+        part = part_path(final)
+        part.unlink(missing_ok=True)
+        with open(part, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=1, sort_keys=True)  # ASCII: undecodable names survive
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(part, final)
+        fsync_dir(dst)
 
 
 @hookimpl

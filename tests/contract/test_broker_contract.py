@@ -3,6 +3,11 @@
 Every test gets ``broker_factory`` (conftest.py): calling it opens a new connection to
 the same store, ``broker_factory.queue()`` gives a queue name unique to the test, and
 ``broker_factory.url`` lets consumer subprocesses open the same store.
+
+Tests marked ``requires("lease_expiry")`` need leases that run out after ``lease_seconds``
+(SQLite); their ``requires("connection_leases")`` counterparts check the same promise
+where a lease lasts as long as the consumer's connection (RabbitMQ): the message comes
+back when the connection dies, not after a time.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ def test_message_invisible_while_leased(broker_factory):
     assert d is not None
     assert c2.get(q, timeout=0.1) is None
     assert c1.get(q) is None
-    assert c2.depth(q) == 1  # leased messages still count
+    assert c2.depth(q) == (1 if broker_factory.depth_counts_leased else 0)  # leased messages count (SQLite)
     c1.ack(d)
     assert c2.depth(q) == 0
 
@@ -151,11 +156,12 @@ def test_depth_counts_ready_delayed_and_leased(broker_factory):
     broker.publish(q, {"n": "ready"})
     broker.publish(q, {"n": "delayed"}, delay=30)
     assert broker.get(q).body == {"n": "leased"}
-    assert broker.depth(q) == 3
+    assert broker.depth(q) == (3 if broker_factory.depth_counts_leased else 2)
 
 
 # ---------------------------------------------------------------- leases
 
+@pytest.mark.requires("lease_expiry")
 def test_lease_expiry_redelivers_with_next_attempt(broker_factory):
     c1, c2 = broker_factory(lease_seconds=0.3), broker_factory(lease_seconds=0.3)
     q = broker_factory.queue()
@@ -171,6 +177,7 @@ def test_lease_expiry_redelivers_with_next_attempt(broker_factory):
     assert c1.depth(q) == 0
 
 
+@pytest.mark.requires("lease_expiry")
 def test_killed_consumer_message_is_redelivered_and_completes(broker_factory):
     lease = 1.0
     broker = broker_factory(lease_seconds=lease)
@@ -194,6 +201,7 @@ def test_killed_consumer_message_is_redelivered_and_completes(broker_factory):
     assert broker.dlq_list(q) == []
 
 
+@pytest.mark.requires("lease_expiry")
 def test_stale_ack_is_refused(broker_factory):
     c1, c2 = broker_factory(lease_seconds=0.3), broker_factory(lease_seconds=5)
     q = broker_factory.queue()
@@ -209,6 +217,7 @@ def test_stale_ack_is_refused(broker_factory):
     assert c2.depth(q) == 0
 
 
+@pytest.mark.requires("lease_expiry")
 def test_stale_nack_has_no_effect(broker_factory):
     c1, c2 = broker_factory(lease_seconds=0.3), broker_factory(lease_seconds=5)
     q = broker_factory.queue()
@@ -234,6 +243,92 @@ def test_extend_keeps_the_lease(broker_factory):
     assert c2.get(q) is None
     c1.ack(d)
     assert c2.depth(q) == 0
+
+
+# ---------------------------------------------------------------- leases tied to the connection
+
+def _sever(broker) -> None:
+    """Cut the calling thread's connection of a RabbitBroker as a network failure would (no
+    AMQP goodbye): the broker side sees the TCP connection drop."""
+    import socket
+
+    link = broker._state.link
+    assert link is not None, "the broker has no open connection on this thread"
+    link.conn._impl._transport._sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.requires("connection_leases")
+def test_closed_connection_redelivers_with_next_attempt(broker_factory):
+    c1, c2 = broker_factory(), broker_factory()
+    q = broker_factory.queue()
+    mid = c1.publish(q, {"n": 1})
+    d1 = c1.get(q)
+    assert d1.attempt == 1
+    assert c2.get(q, timeout=0.3) is None  # no time lease: held while the connection lives
+    c1.close()
+    d2 = c2.get(q, timeout=5)
+    assert d2 is not None
+    assert (d2.message_id, d2.attempt, d2.body) == (mid, 2, {"n": 1})
+    c2.ack(d2)
+    assert c2.depth(q) == 0
+    assert c2.dlq_list(q) == []
+
+
+@pytest.mark.requires("connection_leases")
+def test_killed_consumer_process_message_is_redelivered_and_completes(broker_factory):
+    broker = broker_factory()
+    q = broker_factory.queue()
+    mid = broker.publish(q, {"beam": 1})
+    proc = _spawn(broker_factory, CONSUMER_HOLD, q, 1.0)
+    try:
+        line = proc.stdout.readline().split()
+        assert line == ["LEASED", mid, "1"], proc.stderr.read() if not line else line
+        assert broker.get(q, timeout=0.5) is None  # the live consumer holds it, however long
+    finally:
+        _kill(proc)
+    assert proc.returncode == -signal.SIGKILL
+    d = broker.get(q, timeout=10)  # RabbitMQ re-queues it as soon as the dead process's socket closes
+    assert d is not None
+    assert (d.message_id, d.attempt, d.body) == (mid, 2, {"beam": 1})
+    broker.ack(d)
+    assert broker.depth(q) == 0
+    assert broker.get(q, timeout=0.2) is None
+    assert broker.dlq_list(q) == []
+
+
+@pytest.mark.requires("connection_leases")
+def test_settling_a_delivery_of_a_lost_connection_has_no_effect(broker_factory):
+    c1, c2 = broker_factory(), broker_factory()
+    q = broker_factory.queue()
+    mid = c1.publish(q, {"n": 1})
+    stale = c1.get(q)
+    _sever(c1)
+    fresh = c2.get(q, timeout=10)
+    assert fresh is not None and (fresh.message_id, fresh.attempt) == (mid, 2)
+    c1.ack(stale)  # its connection is gone: must not touch the message c2 now holds
+    assert c1.nack(stale, reason="late failure", retry=False) is True
+    assert c2.dlq_list(q) == []
+    assert c1.get(q, timeout=0.2) is None  # c1 reconnected by itself; c2 still holds the message
+    c2.ack(fresh)
+    assert c2.get(q, timeout=0.2) is None
+    assert c2.depth(q) == 0
+
+
+@pytest.mark.requires("connection_leases")
+def test_redelivered_after_last_attempt_dead_letters_once(broker_factory):
+    retry = RetryPolicy(max_attempts=2, base_seconds=0.01, max_seconds=0.02)
+    c1, c2, c3 = (broker_factory(retry=retry) for _ in range(3))
+    q = broker_factory.queue()
+    mid = c1.publish(q, {"n": 1})
+    assert c1.get(q).attempt == 1
+    c1.close()  # consumer died
+    assert c2.get(q, timeout=5).attempt == 2
+    c2.close()  # died again, on the last attempt
+    assert c3.get(q, timeout=0.5) is None  # not handed out a third time: dead-lettered once
+    assert c3.depth(q) == 0
+    dead = c3.dlq_list(q)
+    assert [(d.message_id, d.attempts) for d in dead] == [(mid, 2)]
+    assert "consumer died" in dead[0].reason
 
 
 # ---------------------------------------------------------------- retries and dead letters
@@ -278,6 +373,7 @@ def test_attempts_count_then_dead_letter_exactly_once(broker_factory):
     assert isinstance(dl.id, str)
 
 
+@pytest.mark.requires("lease_expiry")
 def test_lease_expired_on_last_attempt_dead_letters_once(broker_factory):
     retry = RetryPolicy(max_attempts=2, base_seconds=0.01, max_seconds=0.02)
     c1, c2 = broker_factory(retry=retry, lease_seconds=0.2), broker_factory(retry=retry, lease_seconds=0.2)

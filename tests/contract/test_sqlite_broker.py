@@ -40,10 +40,14 @@ def test_open_broker_url_forms(tmp_path, monkeypatch):
     assert (tmp_path / "rel" / "queue.db").exists()
 
 
-@pytest.mark.parametrize("url", ["amqp://guest:guest@localhost/", "amqps://mq.example.org/mqi"])
-def test_open_broker_rabbitmq_not_installed(url):
-    with pytest.raises(BrokerError, match="RabbitMQ backend is not installed"):
-        open_broker(url, retry=RetryPolicy(), lease_seconds=5)
+@pytest.mark.parametrize("url", ["amqp://guest:s3cret@localhost/", "amqps://mq.example.org/mqi"])
+def test_open_broker_amqp_urls_pick_rabbitmq_without_connecting(url):
+    from mqi_framework.broker.rabbitmq import RabbitBroker
+
+    broker = open_broker(url, retry=RetryPolicy(), lease_seconds=5)  # connects on first use only
+    assert isinstance(broker, RabbitBroker) and not isinstance(broker, SqliteBroker)
+    assert "s3cret" not in repr(broker)
+    broker.close()
 
 
 @pytest.mark.parametrize("url", ["redis://localhost/0", "", "sqlite:", "sqlite://host/x.db",

@@ -25,6 +25,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="stand-in simulation time per beam (default 1)")
     parser.add_argument("--timeout", type=float, default=DEMO_TIMEOUT_SECONDS,
                         help=f"give up after this many seconds (default {DEMO_TIMEOUT_SECONDS:.0f})")
+    parser.add_argument("--dashboard", action="store_true",
+                        help="also serve the web dashboard (plugin mqi-dashboard) and keep it up after the demo, "
+                             "until Ctrl-C")
+    parser.add_argument("--port", type=int, default=8080, help="port of the dashboard on 127.0.0.1 (default 8080)")
 
 
 def _progress_line(case: dict) -> str:
@@ -48,17 +52,27 @@ def run(args: argparse.Namespace) -> int:
     if (folder / "state.db").exists():
         print(f"error: {folder} already holds a workspace (state.db); choose an empty --workdir", file=sys.stderr)
         return 2
-    config_path = write_workspace(folder, fast_config(gpus=args.gpus))
+    config = fast_config(gpus=args.gpus)
+    if args.dashboard:
+        problem = _dashboard_problem(args.port)
+        if problem:
+            print(f"error: --dashboard: {problem}", file=sys.stderr)
+            return 2
+        config["workers"]["dashboard"] = {"plugin": "dashboard", "kind": "service", "settings": {"port": args.port}}
+    config_path = write_workspace(folder, config)
     loaded = load_config(config_path)
     inbox = folder / "inbox"
     for i in range(1, args.cases + 1):
         generate_case(inbox, f"DEMO-{i:03d}", seed=i)
     print(f"mqi-host demo: {args.cases} sample case(s) in {inbox}, {args.gpus} stand-in GPU(s)", flush=True)
+    if args.dashboard:
+        print(f"dashboard: http://127.0.0.1:{args.port}/", flush=True)
 
     host = ProcessHost(loaded, extra_env={"MQI_STANDIN_SECONDS": str(args.seconds)})
     started = time.monotonic()
     shown: dict[str, str] = {}
     final: list[dict] = []
+    kept: list[float] = []  # with --dashboard: when the demo finished (the host keeps serving until Ctrl-C)
 
     def finished() -> bool:
         if not loaded.database_path.exists():
@@ -73,17 +87,24 @@ def run(args: argparse.Namespace) -> int:
             if shown.get(case["id"]) != line:
                 shown[case["id"]] = line
                 print(f"[{time.monotonic() - started:5.1f}s] {line}", flush=True)
+        if kept:
+            return False
         if time.monotonic() - started > args.timeout:
             print(f"demo: gave up after {args.timeout:.0f}s", flush=True)
             final[:] = cases
             return True
         if len(cases) >= args.cases and all(c["state"] in records.FINAL_CASE_STATES for c in cases):
             final[:] = cases
+            if args.dashboard:
+                kept.append(time.monotonic())
+                print(f"demo finished; the dashboard stays up at http://127.0.0.1:{args.port}/ "
+                      f"- press Ctrl-C to stop", flush=True)
+                return False
             return True
         return False
 
     host.run_forever(until=finished, poll_seconds=0.3)
-    elapsed = time.monotonic() - started
+    elapsed = (kept[0] if kept else time.monotonic()) - started
 
     problems = []
     if len(final) < args.cases:
@@ -110,3 +131,21 @@ def run(args: argparse.Namespace) -> int:
     beams = sum(len(c["beams"]) for c in final)
     print(f"demo passed: {len(final)} case(s), {beams} treatment beam(s) done in {elapsed:.1f}s")
     return 0
+
+
+def _dashboard_problem(port: int) -> str:
+    """Why the demo cannot serve the dashboard on ``port``, or ""."""
+    import importlib.util
+    import socket
+
+    if importlib.util.find_spec("mqi_dashboard") is None:
+        return "the dashboard plugin is not installed (pip install -e plugins/mqi-dashboard)"
+    if not 1 <= port <= 65535:
+        return f"--port must be 1..65535, got {port}"
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress does
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            return f"port {port} on 127.0.0.1 is not free ({exc.strerror}); choose another with --port"
+    return ""

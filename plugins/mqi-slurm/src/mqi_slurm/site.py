@@ -1,0 +1,226 @@
+"""Where the Slurm commands run and the job files live.
+
+:class:`LocalSite` – this machine is a Slurm submit host (``sbatch`` on PATH) and the jobs
+folder is on a file system the compute nodes share. :class:`SshSite` – a login node reached
+over the shared connection of the mqi-ssh plugin; files are written and read there with
+plain POSIX commands (``base64``, ``cat``, ``tail``, ``ls``), every value shell-quoted.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import glob
+import os
+import shlex
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+import attrs
+
+
+class SiteUnavailable(Exception):
+    """The configured site cannot be used (mqi-ssh missing for an SSH site)."""
+
+
+@attrs.frozen
+class CommandResult:
+    returncode: Optional[int]  # None: timed out or could not start
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    def problem(self) -> str:
+        if self.timed_out:
+            return "timed out"
+        lines = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        if self.returncode is None:  # it never ran (SSH failed): the message says why
+            return lines[0][:300] if lines else "did not run"
+        return f"exit code {self.returncode}" + (f": {lines[0][:300]}" if lines else "")
+
+
+class Site(abc.ABC):
+    where: str = ""
+
+    @abc.abstractmethod
+    def run(self, argv: list[str], timeout: float) -> CommandResult:
+        """Run ``argv`` (no local shell); never raises for a failing command."""
+
+    @abc.abstractmethod
+    def write_text(self, path: str, text: str, *, executable: bool = False) -> None:
+        """Write ``path`` atomically (a temporary name, then rename), creating its folder."""
+
+    @abc.abstractmethod
+    def read_text(self, path: str) -> Optional[str]:
+        """The file's text, or None when it does not exist."""
+
+    @abc.abstractmethod
+    def tail(self, path: str, max_bytes: int) -> str:
+        """The last ``max_bytes`` of a file ('' when missing)."""
+
+    @abc.abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abc.abstractmethod
+    def missing(self, patterns: list[str]) -> list[str]:
+        """The glob patterns that match nothing."""
+
+    def close(self) -> None:
+        pass
+
+
+class LocalSite(Site):
+    where = "locally"
+
+    def run(self, argv: list[str], timeout: float) -> CommandResult:
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, errors="replace", start_new_session=True)
+        except FileNotFoundError:
+            return CommandResult(127, "", f"{argv[0]}: command not found (is this a Slurm submit host? "
+                                          f"set bin_dir if the Slurm commands are not on PATH)")
+        except OSError as exc:
+            return CommandResult(126, "", f"{argv[0]}: cannot run: {exc}")
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            out, err = proc.communicate()
+            return CommandResult(None, out or "", err or "", timed_out=True)
+        return CommandResult(proc.returncode, out, err)
+
+    def write_text(self, path: str, text: str, *, executable: bool = False) -> None:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        if executable:
+            tmp.chmod(0o755)
+        os.replace(tmp, target)
+
+    def read_text(self, path: str) -> Optional[str]:
+        try:
+            return Path(path).read_text(encoding="utf-8", errors="replace")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def tail(self, path: str, max_bytes: int) -> str:
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - max_bytes))
+                return fh.read().decode("utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def missing(self, patterns: list[str]) -> list[str]:
+        return [p for p in patterns if not glob.glob(p)]
+
+
+class SshSite(Site):
+    """A Slurm login node over the shared SSH connection of :mod:`mqi_ssh.connection`."""
+
+    def __init__(self, settings: dict, timeout: float) -> None:
+        self.settings = dict(settings)
+        self.where = f"over SSH on {self.settings.get('hostname') or self.settings.get('host') or '?'}"
+        self.timeout = timeout
+        self._connection: Any = None
+
+    def _connect(self) -> Any:
+        if self._connection is None:
+            module = import_ssh_connection()
+            opener = getattr(module, "connect", None) or getattr(module, "open_connection", None)
+            if opener is None:
+                raise SiteUnavailable("mqi_ssh.connection offers no connect(); this mqi-slurm does not know this "
+                                      "version of mqi-ssh")
+            settings_class = getattr(module, "SshHostSettings", None) or getattr(module, "HostSettings", None)
+            if settings_class is not None:
+                from mqi_framework import configload
+
+                self._connection = opener(configload.structure(settings_class, self.settings, path="ssh"))
+            else:
+                self._connection = opener(**self.settings)
+        return self._connection
+
+    def _shell(self, command: str, timeout: Optional[float] = None) -> CommandResult:
+        try:
+            result = self._connect().run(command, timeout=timeout or self.timeout)
+        except SiteUnavailable:
+            raise
+        except TimeoutError:
+            self.close()
+            return CommandResult(None, "", "", timed_out=True)
+        except Exception as exc:
+            self.close()
+            return CommandResult(None, "", f"SSH failed: {type(exc).__name__}: {exc}")
+        if isinstance(result, tuple):
+            code, out, err = result[:3]
+        else:
+            code = next((getattr(result, a) for a in ("exit_status", "returncode", "exit_code") if hasattr(result, a)),
+                        None)
+            out, err = getattr(result, "stdout", ""), getattr(result, "stderr", "")
+        dec = (lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or ""))
+        return CommandResult(code, dec(out), dec(err))
+
+    def run(self, argv: list[str], timeout: float) -> CommandResult:
+        return self._shell(shlex.join(argv), timeout)
+
+    def write_text(self, path: str, text: str, *, executable: bool = False) -> None:
+        data = base64.b64encode(text.encode("utf-8")).decode("ascii")
+        q, tmp = shlex.quote(path), shlex.quote(path + ".tmp")
+        chmod = f" && chmod 755 {tmp}" if executable else ""
+        result = self._shell(f"mkdir -p {shlex.quote(os.path.dirname(path))} && printf %s {shlex.quote(data)} "
+                             f"| base64 -d > {tmp}{chmod} && mv -f {tmp} {q}")
+        if result.returncode != 0:
+            raise OSError(f"cannot write {path} {self.where}: {result.problem()}")
+
+    def read_text(self, path: str) -> Optional[str]:
+        q = shlex.quote(path)
+        result = self._shell(f"if [ -f {q} ]; then cat {q}; else exit 3; fi")
+        if result.returncode == 3:
+            return None
+        if result.returncode != 0:
+            raise OSError(f"cannot read {path} {self.where}: {result.problem()}")
+        return result.stdout
+
+    def tail(self, path: str, max_bytes: int) -> str:
+        result = self._shell(f"tail -c {int(max_bytes)} {shlex.quote(path)} 2>/dev/null")
+        return result.stdout if result.returncode == 0 else ""
+
+    def exists(self, path: str) -> bool:
+        return self._shell(f"test -e {shlex.quote(path)}").returncode == 0
+
+    def missing(self, patterns: list[str]) -> list[str]:
+        out = []
+        for pattern in patterns:  # the pattern's glob characters must stay active: quote all but them
+            quoted = "".join(c if c in "*?[]" else shlex.quote(c) for c in pattern)
+            if self._shell(f"set -- {quoted}; [ -e \"$1\" ]").returncode != 0:
+                out.append(pattern)
+        return out
+
+    def close(self) -> None:
+        conn, self._connection = self._connection, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+def import_ssh_connection() -> Any:
+    try:
+        import importlib
+
+        return importlib.import_module("mqi_ssh.connection")
+    except ImportError as exc:
+        raise SiteUnavailable(
+            f"`ssh:` needs the mqi-ssh plugin (`pip install mqi-ssh`, in this repository "
+            f"`pip install -e plugins/mqi-ssh`): {exc}") from None
