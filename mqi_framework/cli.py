@@ -131,6 +131,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             continue
         for problem in impl.check():
             problems.append(f"workers.{name} ({worker.plugin}): {problem}")
+        for line in impl.check_info():
+            print(f"workers.{name} ({worker.plugin}): {line}")
         impl.close()
     try:
         broker = make_broker(loaded)

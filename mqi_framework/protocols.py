@@ -55,8 +55,18 @@ class Plugin(abc.ABC):
         """Probe what this implementation depends on; return problems for ``mqi-host check``."""
         return []
 
+    def check_info(self) -> list[str]:
+        """Facts for people that ``mqi-host check`` prints after :meth:`check` ran (the SSH
+        host-key fingerprints it saw, versions found): lines, not problems."""
+        return []
+
     def close(self) -> None:
         """Release connections and files; called when the worker stops."""
+
+
+class PermanentError(Exception):
+    """Raised by a plugin when retrying cannot help (bad input, a path that would leave its
+    root): the step fails at once instead of being retried."""
 
 
 # --------------------------------------------------------------------------- scan

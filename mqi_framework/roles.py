@@ -28,8 +28,7 @@ def fields(body: dict) -> str:
     return f"case={body.get('case')}{beam} step={body.get('step')} attempt={body.get('attempt')}"
 
 
-class PermanentError(Exception):
-    """Retrying cannot help (bad input, unsafe path): the step fails at once."""
+PermanentError = p.PermanentError  # retrying cannot help: the step fails at once
 
 
 class Role:

@@ -165,9 +165,10 @@ class WorkerRuntime:
             else:
                 self.role.handle(delivery.body)
         except Exception as exc:
-            from mqi_framework.roles import PermanentError
+            from mqi_framework.safepath import PathEscapeError
 
-            permanent = isinstance(exc, PermanentError)
+            # a path that would leave its root stays such a path: retrying cannot help
+            permanent = isinstance(exc, (p.PermanentError, PathEscapeError))
             log.exception("%s: handling %s failed (delivery %d)", self.name, delivery.body.get("type"), delivery.attempt)
             retried = self.broker.nack(delivery, reason=f"{type(exc).__name__}: {exc}", retry=not permanent)
             if not retried and self.conductor is None and "step_id" in delivery.body:

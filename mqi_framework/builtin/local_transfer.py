@@ -15,7 +15,6 @@ transferred.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,11 +26,9 @@ from mqi_framework import hookimpl
 from mqi_framework.hashing import copy_verified, fsync_dir, part_path, sha256_file
 from mqi_framework.protocols import PluginContext, ProgressCallback, Transfer, TransferProgress, TransferResult
 from mqi_framework.safepath import PathEscapeError, is_within
+from mqi_framework.tree import TreeFile, walk_tree, write_manifest
 
 log = logging.getLogger(__name__)
-
-MANIFEST = ".mqi-manifest.json"
-PART_SUFFIX = ".part"
 
 
 @attrs.frozen
@@ -42,47 +39,6 @@ class LocalTransferSettings:
     root: Optional[str] = None
     #: give copied files the source's modification time
     preserve_mtime: bool = True
-
-
-@attrs.frozen
-class _SourceFile:
-    rel: str  # relative posix path
-    path: Path
-    size: int
-
-
-def _walk(root: Path) -> list[_SourceFile]:
-    """Every regular file under ``root``, sorted by relative path. Symlinks (to files or
-    folders) are skipped with a warning, never followed; ``*.part`` files and the
-    top-level manifest are left out."""
-    out: list[_SourceFile] = []
-    links = parts = 0
-    stack = [root]
-    while stack:
-        folder = stack.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.is_symlink():
-                    links += 1
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    if entry.name.endswith(PART_SUFFIX):
-                        parts += 1
-                        continue
-                    if entry.name == MANIFEST and folder == root:
-                        continue
-                    path = Path(entry.path)
-                    out.append(_SourceFile(path.relative_to(root).as_posix(), path,
-                                           entry.stat(follow_symlinks=False).st_size))
-                # sockets, fifos, devices: not part of a case tree
-    if links:
-        log.warning("transfer from %s: skipped %d symlink(s) (symlinks are never followed or copied)", root, links)
-    if parts:
-        log.warning("transfer from %s: skipped %d unfinished *.part file(s)", root, parts)
-    out.sort(key=lambda f: f.rel)
-    return out
 
 
 class LocalTransfer(Transfer):
@@ -121,7 +77,7 @@ class LocalTransfer(Transfer):
             raise FileNotFoundError(f"transfer source folder {src} does not exist (or is not a folder)")
         if is_within(src, dst) or is_within(dst, src):
             raise ValueError(f"transfer source {src} and destination {dst} overlap")
-        files = _walk(src)
+        files = walk_tree(src)
         total = sum(f.size for f in files)
         dst.mkdir(parents=True, exist_ok=True)
         manifest: dict[str, dict] = {}
@@ -148,13 +104,13 @@ class LocalTransfer(Transfer):
                                       bytes_total=total))
         for folder in folders:
             fsync_dir(folder)
-        self._write_manifest(dst, manifest)
+        write_manifest(dst, manifest)
         if not files:
             progress(TransferProgress(files_done=0, files_total=0, bytes_done=0, bytes_total=0))
         return TransferResult(files=len(files), bytes=total, skipped=skipped)
 
     @staticmethod
-    def _verified_copy_present(item: _SourceFile, target: Path) -> Optional[str]:
+    def _verified_copy_present(item: TreeFile, target: Path) -> Optional[str]:
         """The source's SHA-256 when ``target`` is a regular file with the same size and
         SHA-256 (nothing to copy), else None."""
         try:
@@ -164,18 +120,6 @@ class LocalTransfer(Transfer):
             return None
         digest = sha256_file(item.path)
         return digest if sha256_file(target) == digest else None
-
-    @staticmethod
-    def _write_manifest(dst: Path, manifest: dict[str, dict]) -> None:
-        final = dst / MANIFEST
-        part = part_path(final)
-        part.unlink(missing_ok=True)
-        with open(part, "w", encoding="utf-8") as fh:
-            json.dump(manifest, fh, indent=1, sort_keys=True)  # ASCII: undecodable names survive
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(part, final)
-        fsync_dir(dst)
 
 
 @hookimpl

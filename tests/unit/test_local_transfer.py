@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from mqi_framework.builtin.local_transfer import MANIFEST, LocalTransfer, LocalTransferSettings
+from mqi_framework.builtin.local_transfer import LocalTransfer, LocalTransferSettings
+from mqi_framework.tree import MANIFEST
 from mqi_framework.hashing import VerificationError, copy_verified, sha256_file
 from mqi_framework.protocols import PluginContext
 from mqi_framework.safepath import PathEscapeError

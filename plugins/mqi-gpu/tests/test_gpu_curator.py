@@ -248,3 +248,25 @@ def test_ssh_host_through_an_mqi_ssh_connection(tmp_path, fake_smi, monkeypatch)
                             "temperature.gpu,utilization.gpu --format=csv,noheader,nounits")
     fake_smi.serve("no_driver.out")
     assert "over SSH on gpu2 failed: exit code 9" in cur.observe()[0].note
+
+
+def test_ssh_host_over_a_real_sshd(tmp_path, fake_smi, request):
+    """nvidia-smi read over mqi-ssh's shared connection to a real sshd (the fake nvidia-smi
+    lies on the "remote" host at a path given by ``command:``)."""
+    pytest.importorskip("mqi_ssh.connection")
+    sshd = request.getfixturevalue("sshd_running")
+    fake_smi.serve("gpus8_a100.out")
+    host = GpuHostSettings(name="gpu1", ssh=sshd.host_settings(), command=str(fake_smi.bin / "nvidia-smi"))
+    cur = curator(tmp_path, hosts=[host])
+    try:
+        assert cur.check() == []
+        gpus = cur.observe()
+        assert len(gpus) == 8 and {g.host for g in gpus} == {"gpu1"} and not gpus[2].eligible
+        fake_smi.serve("no_driver.out")
+        assert "over SSH on gpu1 failed: exit code 9" in cur.observe()[0].note
+        sshd.stop()
+        note = cur.observe()[0].note
+        assert "SSH to gpu1 failed" in note or "cannot reach" in note
+    finally:
+        sshd.start()
+        cur.close()

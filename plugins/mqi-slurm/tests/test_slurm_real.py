@@ -201,3 +201,35 @@ def test_slurm_time_limit_is_reported_as_timeout(slurm_cluster, slurm_time_limit
     assert "TIMEOUT" in status.message
     state = {j["id"]: j["state"] for j in slurm_cluster.jobs()}[handle.data["job_id"]]
     assert state == "TIMEOUT"
+
+
+def test_submit_on_a_login_node_over_a_real_sshd(slurm_cluster, tmp_path, request):
+    """The SSH site: job files written and Slurm commands run over mqi-ssh's connection to
+    a real sshd. SSH sessions do not inherit this process's SLURM_CONF, so the "login node"
+    gets wrappers that set it, as a site's /etc/slurm would."""
+    pytest.importorskip("mqi_ssh.connection")
+    import shutil
+
+    sshd = request.getfixturevalue("sshd_running")
+    bin_dir = tmp_path / "login bin"
+    bin_dir.mkdir()
+    for name in ("sbatch", "squeue", "sacct", "scancel"):
+        real = shutil.which(name) or f"/usr/bin/{name}"
+        wrapper = bin_dir / name
+        wrapper.write_text(f"#!/bin/sh\nSLURM_CONF='{slurm_cluster.conf}' exec '{real}' \"$@\"\n")
+        wrapper.chmod(0o755)
+    jobs = tmp_path / "shared jobs"
+    ex = make(tmp_path, ssh=sshd.host_settings(), jobs_dir=str(jobs), bin_dir=str(bin_dir))
+    try:
+        assert ex.check() == []
+        handle = ex.start(job(tmp_path, "over-ssh", "echo \"remote $MQI_TEST\"; echo dose > dose.raw; exit 4",
+                              env={"MQI_TEST": "it's"}))
+        assert handle.data["job_id"].isdigit()
+        status = poll_until_done(ex, handle)
+        assert (status.state, status.exit_code) == ("exited", 4), ex.read_log(handle)
+        assert "remote it's" in ex.read_log(handle)
+        assert ex.missing_outputs([str(tmp_path / "work" / "*.raw")]) == []
+        again = ex.start(job(tmp_path, "over-ssh", "echo never"))  # re-attach, not a second submission
+        assert again.data["job_id"] == handle.data["job_id"]
+    finally:
+        ex.close()

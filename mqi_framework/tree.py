@@ -1,0 +1,84 @@
+"""The file list of a tree to transfer, shared by every transfer plugin: regular files
+only, sorted, symlinks never followed, in-flight ``*.part`` files and the top-level
+manifest left out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import attrs
+
+from mqi_framework.hashing import fsync_dir, part_path
+
+log = logging.getLogger(__name__)
+
+#: written into a transferred tree last: its presence means the tree is complete
+MANIFEST = ".mqi-manifest.json"
+#: files are written as ``<name>.part`` and renamed once verified
+PART_SUFFIX = ".part"
+
+
+@attrs.frozen
+class TreeFile:
+    """A regular file of a tree: relative POSIX path, full path, size in bytes."""
+
+    rel: str
+    path: Path
+    size: int
+
+
+def walk_tree(root: Path) -> list[TreeFile]:
+    """Every regular file under ``root``, sorted by relative path. Symlinks (to files or
+    folders) are skipped with a warning, never followed; ``*.part`` files and the
+    top-level manifest are left out."""
+    out: list[TreeFile] = []
+    links = parts = 0
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    links += 1
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    if entry.name.endswith(PART_SUFFIX):
+                        parts += 1
+                        continue
+                    if entry.name == MANIFEST and folder == Path(root):
+                        continue
+                    path = Path(entry.path)
+                    out.append(TreeFile(path.relative_to(root).as_posix(), path,
+                                        entry.stat(follow_symlinks=False).st_size))
+                # sockets, fifos, devices: not part of a case tree
+    if links:
+        log.warning("transfer from %s: skipped %d symlink(s) (symlinks are never followed or copied)", root, links)
+    if parts:
+        log.warning("transfer from %s: skipped %d unfinished *.part file(s)", root, parts)
+    out.sort(key=lambda f: f.rel)
+    return out
+
+
+def write_manifest(dst: Path, manifest: dict[str, dict]) -> None:
+    """Write ``dst/.mqi-manifest.json`` (relative path → sha256, size) atomically and
+    durably: the last file of a transferred tree."""
+    final = Path(dst) / MANIFEST
+    text = json.dumps(manifest, indent=1, sort_keys=True)  # ASCII: undecodable names survive
+    try:
+        if not final.is_symlink() and final.read_text(encoding="utf-8") == text:
+            return  # a re-run of a finished transfer writes nothing
+    except (OSError, UnicodeDecodeError):
+        pass
+    part = part_path(final)
+    part.unlink(missing_ok=True)
+    with open(part, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(part, final)
+    fsync_dir(Path(dst))

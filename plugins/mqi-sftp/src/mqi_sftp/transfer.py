@@ -1,0 +1,567 @@
+"""``sftp`` transfer: uploads a prepared case tree to an SSH host and downloads results.
+
+Correctness, as for the ``core.local`` transfer: every file is written as ``<name>.part``
+and renamed over its final name only when its SHA-256 matches the source's; a manifest
+``.mqi-manifest.json`` is written last. A re-run skips files whose destination already
+has the source's size and SHA-256 (a finished transfer is a no-op) and continues
+``.part`` files left by an interrupted run from where they end (the whole file is still
+verified; a part that does not match is written again from the start).
+
+The remote side's SHA-256 comes from ``sha256sum`` on the host (coreutils), for a whole
+batch of files in one command; where it is missing (``remote_hash: readback``) files are
+read back over SFTP instead. Local files are hashed while they stream.
+
+Speed (see DESIGN §7): one shared connection per host (``TCP_NODELAY``, AES-GCM), SFTP
+requests as large as the server allows (``limits@openssh.com``), pipelined writes and
+prefetched reads for big files, and ``parallel_channels`` SFTP sessions working through
+the file list at once, so many small files are not bound by one round trip each.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import stat
+import threading
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Optional
+
+import attrs
+import paramiko
+
+from mqi_framework.hashing import VerificationError, fsync_dir, part_path, sha256_file
+from mqi_framework.protocols import PluginContext, ProgressCallback, Transfer, TransferProgress, TransferResult
+from mqi_framework.safepath import PathEscapeError, is_within
+from mqi_framework.tree import MANIFEST, PART_SUFFIX, TreeFile, walk_tree, write_manifest
+from mqi_ssh import remote, remotepath
+from mqi_ssh.connection import SshConnection, SshError, SshUnreachable, connect, fingerprint, sftp_limits
+from mqi_ssh.settings import SshHostSettings
+
+log = logging.getLogger(__name__)
+
+#: paramiko's SFTP request size, used where the server states no limits
+DEFAULT_REQUEST = 32768
+#: the largest request we send even when the server allows more
+MAX_REQUEST = 256 * 1024
+#: local read / remote write buffer per file
+BUFFER = 1024 * 1024
+
+
+def _check_hosts(instance: object, attribute: attrs.Attribute, value: dict) -> None:
+    if not value:
+        raise ValueError("hosts: name at least one SSH host")
+
+
+def _positive(instance: object, attribute: attrs.Attribute, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be >= 1, got {value}")
+
+
+@attrs.frozen
+class SftpTransferSettings:
+    """Settings of the ``sftp`` transfer."""
+
+    #: SSH hosts by name (the same mapping as the ssh executor's: share it with a YAML anchor)
+    hosts: dict[str, SshHostSettings] = attrs.field(validator=_check_hosts)
+    #: the host cases are uploaded to; default: the only host
+    host: Optional[str] = None
+    #: SFTP sessions used at once for trees of many files
+    parallel_channels: int = attrs.field(default=4, validator=_positive)
+    #: how the remote SHA-256 is computed: ``sha256sum`` on the host, or ``readback`` over SFTP
+    remote_hash: Literal["sha256sum", "readback"] = "sha256sum"
+    #: give copied files the source's modification time
+    preserve_mtime: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if self.host is not None and self.host not in self.hosts:
+            raise ValueError(f"host: {self.host!r} is not one of hosts ({', '.join(self.hosts)})")
+        if self.host is None and len(self.hosts) > 1:
+            raise ValueError(f"host: say which of the hosts ({', '.join(self.hosts)}) cases are uploaded to")
+
+
+@attrs.frozen
+class _RemoteEntry:
+    rel: str
+    size: int
+    mtime: int
+
+
+class _Counter:
+    """Bytes and files done, updated by worker threads and read by the caller's thread
+    (progress callbacks run only there: the broker connection behind them is not
+    thread-safe)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bytes = 0
+        self.files = 0
+
+    def add(self, nbytes: int = 0, files: int = 0) -> None:
+        with self.lock:
+            self.bytes += nbytes
+            self.files += files
+
+
+class SftpTransfer(Transfer):
+    """Moves trees between the host and an SSH host over SFTP."""
+
+    name = "sftp"
+    settings_class = SftpTransferSettings
+
+    def __init__(self, settings: SftpTransferSettings, context: PluginContext) -> None:
+        super().__init__(settings, context)
+        self.host_name = settings.host or next(iter(settings.hosts))
+        self.host: SshHostSettings = settings.hosts[self.host_name]
+        self._conn: Optional[SshConnection] = None
+        self._request_sizes: Optional[tuple[int, int]] = None
+        self._info: list[str] = []
+
+    # ------------------------------------------------------------------ connection
+
+    @property
+    def conn(self) -> SshConnection:
+        if self._conn is None:
+            self._conn = connect(self.host)
+        return self._conn
+
+    def check(self) -> list[str]:
+        self._info = []
+        bad_root = self.host.check_root()
+        if bad_root:
+            return [f"hosts.{self.host_name}: {bad_root}"]
+        try:
+            key = self.conn.host_key()
+            self._info.append(f"host {self.host_name} ({self.host.label()}): host key {key.get_name()} "
+                              f"{fingerprint(key)} is known")
+            with self.conn.sftp() as sftp:
+                if self.host.root is not None:
+                    try:
+                        if not stat.S_ISDIR(sftp.stat(self.host.root).st_mode or 0):
+                            return [f"hosts.{self.host_name}: root {self.host.root} is not a folder"]
+                    except OSError:
+                        return [f"hosts.{self.host_name}: root {self.host.root} does not exist on the host"]
+                limits = sftp_limits(sftp)
+            self._info.append(f"host {self.host_name}: SFTP requests up to {min(limits[1], MAX_REQUEST) if limits else DEFAULT_REQUEST} bytes")
+            if self.settings.remote_hash == "sha256sum":
+                probe = self.conn.run("command -v sha256sum")
+                if probe.exit_status != 0:
+                    return [f"hosts.{self.host_name}: sha256sum is not on the host's PATH; install coreutils "
+                            f"or set remote_hash: readback"]
+        except (SshError, TimeoutError) as exc:
+            return [f"hosts.{self.host_name}: {exc}"]
+        return []
+
+    def check_info(self) -> list[str]:
+        return list(self._info)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _remote(self, remote_dir: str) -> str:
+        return remotepath.inside_root(remote_dir, self.host.root)
+
+    def _sizes(self, sftp: paramiko.SFTPClient) -> tuple[int, int]:
+        if self._request_sizes is None:
+            limits = sftp_limits(sftp)
+            self._request_sizes = (min(limits[0], MAX_REQUEST), min(limits[1], MAX_REQUEST)) if limits else (
+                DEFAULT_REQUEST, DEFAULT_REQUEST)
+        return self._request_sizes
+
+    def _guard(self, work: Callable[[], TransferResult]) -> TransferResult:
+        """Connection failures become :class:`SshUnreachable` (the broker retries the
+        step, which resumes) and the broken connection is dropped."""
+        try:
+            return work()
+        except (SshError, PathEscapeError, VerificationError, FileNotFoundError, ValueError):
+            raise
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            if self._conn is not None:
+                self._conn.drop()
+            raise SshUnreachable(f"SFTP with {self.host.label()} failed: {type(exc).__name__}: {exc}; "
+                                 f"the transfer resumes on the next attempt") from exc
+
+    # ------------------------------------------------------------------ remote helpers
+
+    def _remote_walk(self, sftp: paramiko.SFTPClient, top: str) -> tuple[dict[str, _RemoteEntry], dict[str, int],
+                                                                         set[str]]:
+        """(files, part sizes, folders) under ``top``, relative; symlinks are skipped."""
+        files: dict[str, _RemoteEntry] = {}
+        parts: dict[str, int] = {}
+        folders: set[str] = {""}
+        stack = [""]
+        links = 0
+        while stack:
+            rel = stack.pop()
+            for entry in sftp.listdir_attr(posixpath.join(top, rel) if rel else top):
+                mode = entry.st_mode or 0
+                child = posixpath.join(rel, entry.filename) if rel else entry.filename
+                if stat.S_ISLNK(mode):
+                    links += 1
+                elif stat.S_ISDIR(mode):
+                    folders.add(child)
+                    stack.append(child)
+                elif stat.S_ISREG(mode):
+                    if entry.filename.endswith(PART_SUFFIX):
+                        parts[child[: -len(PART_SUFFIX)]] = entry.st_size or 0
+                    elif not (child == MANIFEST):
+                        files[child] = _RemoteEntry(child, entry.st_size or 0, int(entry.st_mtime or 0))
+        if links:
+            log.warning("transfer from %s:%s: skipped %d symlink(s)", self.host_name, top, links)
+        return files, parts, folders
+
+    def _remote_hashes(self, base: str, rels: list[str], total_bytes: int) -> dict[str, str]:
+        """SHA-256 of remote files (relative to ``base``), in one command per batch."""
+        if not rels:
+            return {}
+        if self.settings.remote_hash == "readback":
+            return self._readback_hashes(base, rels)
+        out: dict[str, str] = {}
+        for start in range(0, len(rels), 5000):
+            batch = rels[start:start + 5000]
+            line = remote.script_call('cd -- "$1" && exec xargs -0 -r sha256sum --', "mqi-hash", base)
+            result = self.conn.run(line, timeout=120 + total_bytes / 50e6,
+                                   stdin=b"\0".join(r.encode("utf-8", "surrogateescape") for r in batch))
+            lines = result.stdout.splitlines()
+            if result.exit_status == 127:
+                log.warning("sha256sum is missing on %s: reading files back to verify them (set remote_hash: "
+                            "readback to skip this probe)", self.host_name)
+                return self._readback_hashes(base, rels)
+            if result.exit_status != 0 or len(lines) != len(batch):
+                raise VerificationError(f"sha256sum on {self.host_name} failed (exit {result.exit_status}, "
+                                        f"{len(lines)} of {len(batch)} lines): {result.stderr.strip()[:300]}")
+            for rel, text in zip(batch, lines):
+                text = text[1:] if text.startswith("\\") else text  # names with \ or newline are escaped
+                out[rel] = text[:64]
+        return out
+
+    def _readback_hashes(self, base: str, rels: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        with self.conn.sftp() as sftp:
+            for rel in rels:
+                digest = hashlib.sha256()
+                with sftp.open(posixpath.join(base, rel), "rb") as fh:
+                    fh.prefetch()
+                    while True:
+                        block = fh.read(BUFFER)
+                        if not block:
+                            break
+                        digest.update(block)
+                out[rel] = digest.hexdigest()
+        return out
+
+    def _parallel(self, items: list, work: Callable[[paramiko.SFTPClient, object], None], counter: _Counter,
+                  report: Callable[[], None]) -> None:
+        """Run ``work(sftp, item)`` for every item on up to ``parallel_channels`` SFTP
+        sessions, reporting progress from this thread meanwhile."""
+        if not items:
+            return
+        pending = list(reversed(items))
+        lock = threading.Lock()
+        stop = threading.Event()
+
+        def worker() -> None:
+            with self.conn.sftp() as sftp:
+                while not stop.is_set():
+                    with lock:
+                        if not pending:
+                            return
+                        item = pending.pop()
+                    work(sftp, item)
+
+        # each session holds one of the host's max_channels slots for the whole transfer
+        channels = min(self.settings.parallel_channels, self.host.max_channels, len(items))
+        with concurrent.futures.ThreadPoolExecutor(channels, thread_name_prefix="sftp") as pool:
+            futures = [pool.submit(worker) for _ in range(channels)]
+            try:
+                while True:
+                    done, _ = concurrent.futures.wait(futures, timeout=0.25,
+                                                      return_when=concurrent.futures.FIRST_EXCEPTION)
+                    report()
+                    for future in done:
+                        if future.exception() is not None:
+                            raise future.exception()  # type: ignore[misc]
+                    if len(done) == len(futures):
+                        return
+            finally:
+                stop.set()
+
+    # ------------------------------------------------------------------ upload
+
+    def upload(self, local_dir: Path, remote_dir: str, progress: ProgressCallback) -> TransferResult:
+        return self._guard(lambda: self._upload(Path(local_dir), self._remote(remote_dir), progress))
+
+    def _upload(self, src: Path, dst: str, progress: ProgressCallback) -> TransferResult:
+        if not src.is_dir():
+            raise FileNotFoundError(f"transfer source folder {src} does not exist (or is not a folder)")
+        files = walk_tree(src)
+        total = sum(f.size for f in files)
+        counter = _Counter()
+
+        def report() -> None:
+            with counter.lock:
+                done_files, done_bytes = counter.files, counter.bytes
+            progress(TransferProgress(done_files, len(files), min(done_bytes, total), total))
+
+        with self.conn.sftp() as sftp:
+            self._sizes(sftp)
+            self._make_folder(sftp, dst)
+            remote_files, parts, folders = self._remote_walk(sftp, dst)
+            for folder in sorted({posixpath.dirname(f.rel) for f in files} - folders):
+                self._make_folder(sftp, posixpath.join(dst, folder))
+        # files the remote already has with the same size: equal SHA-256 means skip
+        same_size = [f for f in files if f.rel in remote_files and remote_files[f.rel].size == f.size]
+        remote_hashes = self._remote_hashes(dst, [f.rel for f in same_size], sum(f.size for f in same_size))
+        digests: dict[str, str] = {}
+        todo: list[TreeFile] = []
+        for item in files:
+            if item.rel in remote_hashes:
+                local_hash = sha256_file(item.path)
+                if remote_hashes[item.rel] == local_hash:
+                    digests[item.rel] = local_hash
+                    counter.add(item.size, 1)
+                    continue
+            todo.append(item)
+        skipped = len(files) - len(todo)
+        report()
+        self._send_all(todo, dst, parts, digests, counter, report)
+        self._verify_and_rename_uploads(todo, dst, digests, counter, report)
+        self._write_remote_manifest(dst, {f.rel: {"sha256": digests[f.rel], "size": f.size} for f in files})
+        report()
+        return TransferResult(files=len(files), bytes=total, skipped=skipped)
+
+    def _make_folder(self, sftp: paramiko.SFTPClient, path: str) -> None:
+        """mkdir -p over SFTP; a symlink on the way is refused (it could lead anywhere)."""
+        current = "/" if path.startswith("/") else ""
+        for part in [p for p in path.split("/") if p]:
+            current = posixpath.join(current, part) if current else part
+            try:
+                mode = sftp.lstat(current).st_mode or 0
+            except FileNotFoundError:
+                sftp.mkdir(current)
+                continue
+            if stat.S_ISLNK(mode) and self.host.root is not None and \
+                    len(current) > len(posixpath.normpath(self.host.root)):
+                raise PathEscapeError(f"remote folder {current} is a symlink; refusing to write through it")
+            if not stat.S_ISDIR(sftp.stat(current).st_mode or 0):
+                raise NotADirectoryError(f"remote path {current} on {self.host_name} is not a folder")
+
+    def _send_all(self, todo: list[TreeFile], dst: str, parts: dict[str, int], digests: dict[str, str],
+                  counter: _Counter, report: Callable[[], None]) -> None:
+        def send(sftp: paramiko.SFTPClient, item: object) -> None:
+            assert isinstance(item, TreeFile)
+            digests[item.rel] = self._send(sftp, item, posixpath.join(dst, item.rel), parts.get(item.rel), counter)
+
+        self._parallel(todo, send, counter, report)  # type: ignore[arg-type]
+
+    def _send(self, sftp: paramiko.SFTPClient, item: TreeFile, final: str, part_size: Optional[int],
+              counter: _Counter) -> str:
+        """Write ``item`` to ``final.part`` (continuing a shorter leftover part) and return
+        the SHA-256 of the whole local file, hashed as it streamed."""
+        part = final + PART_SUFFIX
+        offset = part_size if part_size is not None and 0 < part_size <= item.size else 0
+        digest = hashlib.sha256()
+        _, write_size = self._sizes(sftp)
+        with open(item.path, "rb") as fin:
+            if offset:
+                _hash_prefix(fin, offset, digest)
+                counter.add(offset)
+            with _closing(sftp.open(part, "r+b" if offset else "wb", bufsize=BUFFER)) as fout:
+                fout.MAX_REQUEST_SIZE = write_size
+                fout.set_pipelined(True)
+                if offset:
+                    fout.seek(offset)
+                while True:
+                    block = fin.read(BUFFER)
+                    if not block:
+                        break
+                    digest.update(block)
+                    fout.write(block)
+                    counter.add(len(block))
+        if self.settings.preserve_mtime:
+            st = item.path.stat()
+            sftp.utime(part, (int(st.st_atime), int(st.st_mtime)))
+        return digest.hexdigest()
+
+    def _verify_and_rename_uploads(self, todo: list[TreeFile], dst: str, digests: dict[str, str],
+                                   counter: _Counter, report: Callable[[], None]) -> None:
+        if not todo:
+            return
+        part_rels = [f.rel + PART_SUFFIX for f in todo]
+        remote_hashes = self._remote_hashes(dst, part_rels, sum(f.size for f in todo))
+        bad = [f for f in todo if remote_hashes.get(f.rel + PART_SUFFIX) != digests[f.rel]]
+        if bad:
+            log.warning("upload to %s: %d file(s) did not verify; writing them again from the start",
+                        self.host_name, len(bad))
+            with self.conn.sftp() as sftp:
+                for item in bad:
+                    counter.add(-item.size)
+                    digests[item.rel] = self._send(sftp, item, posixpath.join(dst, item.rel), None, counter)
+            again = self._remote_hashes(dst, [f.rel + PART_SUFFIX for f in bad], sum(f.size for f in bad))
+            still = [f.rel for f in bad if again.get(f.rel + PART_SUFFIX) != digests[f.rel]]
+            if still:
+                raise VerificationError(f"upload to {self.host_name}: SHA-256 of {len(still)} file(s) does not "
+                                        f"match the source after a second try (e.g. {still[0]})")
+
+        def rename(sftp: paramiko.SFTPClient, item: object) -> None:
+            assert isinstance(item, TreeFile)
+            final = posixpath.join(dst, item.rel)
+            sftp.posix_rename(final + PART_SUFFIX, final)
+            counter.add(files=1)
+
+        self._parallel(todo, rename, counter, report)  # type: ignore[arg-type]
+
+    def _write_remote_manifest(self, dst: str, manifest: dict[str, dict]) -> None:
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode("ascii")
+        final = posixpath.join(dst, MANIFEST)
+        with self.conn.sftp() as sftp:
+            try:
+                with sftp.open(final, "rb") as fh:
+                    if fh.read() == data:
+                        return  # a re-run of a finished transfer writes nothing
+            except OSError:
+                pass
+            with sftp.open(final + PART_SUFFIX, "wb") as fh:
+                fh.write(data)
+            sftp.posix_rename(final + PART_SUFFIX, final)
+
+    # ------------------------------------------------------------------ download
+
+    def download(self, remote_dir: str, local_dir: Path, progress: ProgressCallback) -> TransferResult:
+        return self._guard(lambda: self._download(self._remote(remote_dir), Path(local_dir), progress))
+
+    def _download(self, src: str, dst: Path, progress: ProgressCallback) -> TransferResult:
+        with self.conn.sftp() as sftp:
+            self._sizes(sftp)
+            try:
+                if not stat.S_ISDIR(sftp.stat(src).st_mode or 0):
+                    raise FileNotFoundError(f"transfer source {self.host_name}:{src} is not a folder")
+            except FileNotFoundError:
+                raise FileNotFoundError(f"transfer source folder {self.host_name}:{src} does not exist") from None
+            remote_files, _, _ = self._remote_walk(sftp, src)
+        files = [remote_files[k] for k in sorted(remote_files)]
+        total = sum(f.size for f in files)
+        counter = _Counter()
+
+        def report() -> None:
+            with counter.lock:
+                done_files, done_bytes = counter.files, counter.bytes
+            progress(TransferProgress(done_files, len(files), min(done_bytes, total), total))
+
+        dst.mkdir(parents=True, exist_ok=True)
+        hashes = self._remote_hashes(src, [f.rel for f in files], total)
+        todo: list[_RemoteEntry] = []
+        for entry in files:
+            target = self._local_target(dst, entry.rel)
+            try:
+                present = target.is_file() and not target.is_symlink() and target.stat().st_size == entry.size
+            except OSError:
+                present = False
+            if present and sha256_file(target) == hashes[entry.rel]:
+                part_path(target).unlink(missing_ok=True)
+                counter.add(entry.size, 1)
+                continue
+            todo.append(entry)
+        skipped = len(files) - len(todo)
+        report()
+
+        def fetch(sftp: paramiko.SFTPClient, item: object) -> None:
+            assert isinstance(item, _RemoteEntry)
+            target = self._local_target(dst, item.rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if self._fetch(sftp, posixpath.join(src, item.rel), item, target, counter) != hashes[item.rel]:
+                log.warning("download %s: SHA-256 differs from the source; fetching it again", item.rel)
+                counter.add(-item.size)
+                part_path(target).unlink(missing_ok=True)
+                if self._fetch(sftp, posixpath.join(src, item.rel), item, target, counter) != hashes[item.rel]:
+                    part_path(target).unlink(missing_ok=True)
+                    raise VerificationError(f"{item.rel}: SHA-256 of the download does not match the source")
+            os.replace(part_path(target), target)
+            counter.add(files=1)
+
+        self._parallel(todo, fetch, counter, report)  # type: ignore[arg-type]
+        for folder in {self._local_target(dst, e.rel).parent for e in todo} | {dst}:
+            fsync_dir(folder)
+        write_manifest(dst, {f.rel: {"sha256": hashes[f.rel], "size": f.size} for f in files})
+        report()
+        return TransferResult(files=len(files), bytes=total, skipped=skipped)
+
+    @staticmethod
+    def _local_target(dst: Path, rel: str) -> Path:
+        target = dst.joinpath(*rel.split("/"))
+        if not is_within(dst, target.parent):
+            raise PathEscapeError(f"destination folder {target.parent} leads outside {dst} (a symlink?)")
+        return target
+
+    def _fetch(self, sftp: paramiko.SFTPClient, path: str, entry: _RemoteEntry, target: Path,
+               counter: _Counter) -> str:
+        """Read ``path`` into ``target.part`` (continuing a shorter leftover part); return
+        the SHA-256 of the part, hashed again from disk after an fsync."""
+        part = part_path(target)
+        if part.is_symlink():
+            part.unlink()
+        try:
+            offset = part.stat().st_size if part.is_file() else 0
+        except OSError:
+            offset = 0
+        if offset > entry.size:
+            part.unlink()
+            offset = 0
+        counter.add(offset)
+        read_size, _ = self._sizes(sftp)
+        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(part, flags, 0o644)
+        with open(fd, "r+b" if offset else "wb") as fout:
+            fout.seek(offset)
+            fout.truncate(offset)
+            with _closing(sftp.open(path, "rb")) as fin:
+                fin.MAX_REQUEST_SIZE = read_size
+                fin.seek(offset)
+                if entry.size - offset > read_size:
+                    fin.prefetch(entry.size)
+                remaining = entry.size - offset
+                while remaining > 0:
+                    block = fin.read(min(BUFFER, remaining))
+                    if not block:
+                        break
+                    fout.write(block)
+                    remaining -= len(block)
+                    counter.add(len(block))
+            fout.flush()
+            os.fsync(fout.fileno())
+        if self.settings.preserve_mtime:
+            os.utime(part, (entry.mtime, entry.mtime))
+        return sha256_file(part)
+
+
+@contextlib.contextmanager
+def _closing(fh: paramiko.SFTPFile) -> Iterator[paramiko.SFTPFile]:
+    """Close an SFTP file; when the connection broke, close it quietly and for good (a
+    second close from the garbage collector would only raise again)."""
+    try:
+        yield fh
+    except BaseException:
+        try:
+            fh.close()
+        except Exception:
+            fh._closed = True  # paramiko's BufferedFile flag: nothing left to flush
+        raise
+    fh.close()
+
+
+def _hash_prefix(fh, length: int, digest: "hashlib._Hash") -> None:  # type: ignore[no-untyped-def]
+    """Feed the first ``length`` bytes of ``fh`` to ``digest``, leaving ``fh`` after them."""
+    left = length
+    while left > 0:
+        block = fh.read(min(BUFFER, left))
+        if not block:
+            break
+        digest.update(block)
+        left -= len(block)
+
