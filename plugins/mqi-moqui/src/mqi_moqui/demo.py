@@ -107,7 +107,10 @@ def run(args: argparse.Namespace) -> int:
     elapsed = (kept[0] if kept else time.monotonic()) - started
 
     problems = []
-    if len(final) < args.cases:
+    if not final:  # Ctrl-C / SIGTERM before every case was final
+        problems.append(f"stopped before the demo finished ({sum(1 for line in shown.values() if '  done ' in line)} "
+                        f"of {args.cases} case(s) done)")
+    elif len(final) < args.cases:
         problems.append(f"only {len(final)} of {args.cases} cases were detected")
     for case in final:
         if case["state"] != "done":
