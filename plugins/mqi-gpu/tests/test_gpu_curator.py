@@ -224,7 +224,7 @@ def test_ssh_host_through_an_mqi_ssh_connection(tmp_path, fake_smi, monkeypatch)
     commands: list[str] = []
 
     class ShellConnection:
-        def __init__(self, **settings):
+        def __init__(self, settings):
             self.settings = settings
 
         def run(self, command, timeout):

@@ -191,7 +191,7 @@ class ShellConnection:
 
     opened: list[dict] = []
 
-    def __init__(self, **settings) -> None:
+    def __init__(self, settings: dict) -> None:
         ShellConnection.opened.append(settings)
         self.commands: list[str] = []
 

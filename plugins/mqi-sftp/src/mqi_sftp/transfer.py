@@ -106,6 +106,16 @@ class _Counter:
             self.bytes += nbytes
             self.files += files
 
+    def reporter(self, progress: ProgressCallback, files_total: int, bytes_total: int) -> Callable[[], None]:
+        """A function that reports the current counts through ``progress``."""
+
+        def report() -> None:
+            with self.lock:
+                files, nbytes = self.files, self.bytes
+            progress(TransferProgress(files, files_total, min(nbytes, bytes_total), bytes_total))
+
+        return report
+
 
 class SftpTransfer(Transfer):
     """Moves trees between the host and an SSH host over SFTP."""
@@ -303,11 +313,7 @@ class SftpTransfer(Transfer):
         files = walk_tree(src)
         total = sum(f.size for f in files)
         counter = _Counter()
-
-        def report() -> None:
-            with counter.lock:
-                done_files, done_bytes = counter.files, counter.bytes
-            progress(TransferProgress(done_files, len(files), min(done_bytes, total), total))
+        report = counter.reporter(progress, len(files), total)
 
         with self.conn.sftp() as sftp:
             self._sizes(sftp)
@@ -448,11 +454,7 @@ class SftpTransfer(Transfer):
         files = [remote_files[k] for k in sorted(remote_files)]
         total = sum(f.size for f in files)
         counter = _Counter()
-
-        def report() -> None:
-            with counter.lock:
-                done_files, done_bytes = counter.files, counter.bytes
-            progress(TransferProgress(done_files, len(files), min(done_bytes, total), total))
+        report = counter.reporter(progress, len(files), total)
 
         dst.mkdir(parents=True, exist_ok=True)
         hashes = self._remote_hashes(src, [f.rel for f in files], total)

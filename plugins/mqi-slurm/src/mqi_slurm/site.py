@@ -13,32 +13,14 @@ import base64
 import glob
 import os
 import shlex
-import signal
-import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
-import attrs
+from mqi_framework.commands import CommandResult, RemoteShell, run_local
 
 
 class SiteUnavailable(Exception):
     """The configured site cannot be used (mqi-ssh missing for an SSH site)."""
-
-
-@attrs.frozen
-class CommandResult:
-    returncode: Optional[int]  # None: timed out or could not start
-    stdout: str
-    stderr: str
-    timed_out: bool = False
-
-    def problem(self) -> str:
-        if self.timed_out:
-            return "timed out"
-        lines = (self.stderr.strip() or self.stdout.strip()).splitlines()
-        if self.returncode is None:  # it never ran (SSH failed): the message says why
-            return lines[0][:300] if lines else "did not run"
-        return f"exit code {self.returncode}" + (f": {lines[0][:300]}" if lines else "")
 
 
 class Site(abc.ABC):
@@ -75,24 +57,8 @@ class LocalSite(Site):
     where = "locally"
 
     def run(self, argv: list[str], timeout: float) -> CommandResult:
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True, errors="replace", start_new_session=True)
-        except FileNotFoundError:
-            return CommandResult(127, "", f"{argv[0]}: command not found (is this a Slurm submit host? "
-                                          f"set bin_dir if the Slurm commands are not on PATH)")
-        except OSError as exc:
-            return CommandResult(126, "", f"{argv[0]}: cannot run: {exc}")
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            out, err = proc.communicate()
-            return CommandResult(None, out or "", err or "", timed_out=True)
-        return CommandResult(proc.returncode, out, err)
+        return run_local(argv, timeout, not_found_hint="is this a Slurm submit host? set bin_dir if the Slurm "
+                                                      "commands are not on PATH")
 
     def write_text(self, path: str, text: str, *, executable: bool = False) -> None:
         target = Path(path)
@@ -132,43 +98,13 @@ class SshSite(Site):
         self.settings = dict(settings)
         self.where = f"over SSH on {self.settings.get('hostname') or self.settings.get('host') or '?'}"
         self.timeout = timeout
-        self._connection: Any = None
+        self._remote = RemoteShell(self._open, "SSH", fatal=(SiteUnavailable,))
 
-    def _connect(self) -> Any:
-        if self._connection is None:
-            module = import_ssh_connection()
-            opener = getattr(module, "connect", None) or getattr(module, "open_connection", None)
-            if opener is None:
-                raise SiteUnavailable("mqi_ssh.connection offers no connect(); this mqi-slurm does not know this "
-                                      "version of mqi-ssh")
-            settings_class = getattr(module, "SshHostSettings", None) or getattr(module, "HostSettings", None)
-            if settings_class is not None:
-                from mqi_framework import configload
-
-                self._connection = opener(configload.structure(settings_class, self.settings, path="ssh"))
-            else:
-                self._connection = opener(**self.settings)
-        return self._connection
+    def _open(self) -> Any:
+        return import_ssh_connection().connect(self.settings)  # mqi-ssh validates the settings
 
     def _shell(self, command: str, timeout: Optional[float] = None) -> CommandResult:
-        try:
-            result = self._connect().run(command, timeout=timeout or self.timeout)
-        except SiteUnavailable:
-            raise
-        except TimeoutError:
-            self.close()
-            return CommandResult(None, "", "", timed_out=True)
-        except Exception as exc:
-            self.close()
-            return CommandResult(None, "", f"SSH failed: {type(exc).__name__}: {exc}")
-        if isinstance(result, tuple):
-            code, out, err = result[:3]
-        else:
-            code = next((getattr(result, a) for a in ("exit_status", "returncode", "exit_code") if hasattr(result, a)),
-                        None)
-            out, err = getattr(result, "stdout", ""), getattr(result, "stderr", "")
-        dec = (lambda v: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v or ""))
-        return CommandResult(code, dec(out), dec(err))
+        return self._remote.run(command, timeout or self.timeout)
 
     def run(self, argv: list[str], timeout: float) -> CommandResult:
         return self._shell(shlex.join(argv), timeout)
@@ -207,12 +143,7 @@ class SshSite(Site):
         return out
 
     def close(self) -> None:
-        conn, self._connection = self._connection, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+        self._remote.close()
 
 
 def import_ssh_connection() -> Any:
