@@ -265,3 +265,21 @@ def test_settings_name_the_upload_host(sshd_running, tmp_path):
         configload.structure(SftpTransferSettings, {"hosts": two, "host": "c"}, path="workers.transfer.settings")
     one = configload.structure(SftpTransferSettings, {"hosts": two, "host": "b"})
     assert SftpTransfer(one, PluginContext(workspace=tmp_path)).host_name == "b"
+
+
+def test_a_full_local_disk_is_named_and_the_part_kept_for_later(make_transfer, tmp_path, remote_root, mocker):
+    import errno
+
+    remote = remote_root / "c"
+    remote.mkdir()
+    data = os.urandom(2_000_000)
+    (remote / "dose.raw").write_bytes(data)
+    transfer = make_transfer()
+    mocker.patch("mqi_sftp.transfer.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(OSError, match="No space left") as info:
+        transfer.download(str(remote), tmp_path / "back", lambda p: None)
+    assert not isinstance(info.value, SshUnreachable)
+    assert not (tmp_path / "back" / "dose.raw").exists()
+    mocker.stopall()
+    transfer.download(str(remote), tmp_path / "back", lambda p: None)  # space again: it completes
+    assert (tmp_path / "back" / "dose.raw").read_bytes() == data

@@ -192,6 +192,11 @@ class SftpTransfer(Transfer):
         except (SshError, PathEscapeError, VerificationError, FileNotFoundError, ValueError):
             raise
         except (paramiko.SSHException, EOFError, OSError) as exc:
+            # an OSError with an errno is about a file (a full disk, a permission): it keeps its
+            # own message; the rest (a closed socket, a dropped session) is the connection
+            if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, (ConnectionError,
+                                                                                           TimeoutError)):
+                raise
             if self._conn is not None:
                 self._conn.drop()
             raise SshUnreachable(f"SFTP with {self.host.label()} failed: {type(exc).__name__}: {exc}; "
