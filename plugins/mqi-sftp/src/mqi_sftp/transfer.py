@@ -7,9 +7,10 @@ has the source's size and SHA-256 (a finished transfer is a no-op) and continues
 ``.part`` files left by an interrupted run from where they end (the whole file is still
 verified; a part that does not match is written again from the start).
 
-The remote side's SHA-256 comes from ``sha256sum`` on the host (coreutils), for a whole
-batch of files in one command; where it is missing (``remote_hash: readback``) files are
-read back over SFTP instead. Local files are hashed while they stream.
+The remote side's SHA-256 is computed on the host for a whole batch of files in one
+command (``openssl dgst``, or coreutils' ``sha256sum`` where openssl is missing); with
+``remote_hash: readback`` files are read back over SFTP instead. Local files are hashed
+while they stream; a download is hashed on both sides at once.
 
 Speed (see DESIGN §7): one shared connection per host (``TCP_NODELAY``, AES-GCM), SFTP
 requests as large as the server allows (``limits@openssh.com``), pipelined writes and
@@ -26,10 +27,11 @@ import json
 import logging
 import os
 import posixpath
+import queue
 import stat
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional
 
 import attrs
 import paramiko
@@ -48,8 +50,10 @@ log = logging.getLogger(__name__)
 DEFAULT_REQUEST = 32768
 #: the largest request we send even when the server allows more
 MAX_REQUEST = 256 * 1024
-#: local read / remote write buffer per file
+#: local read buffer per file
 BUFFER = 1024 * 1024
+#: downloads of up to this many files fsync each; more are made durable with one sync()
+SYNC_EACH_UP_TO = 16
 
 
 def _check_hosts(instance: object, attribute: attrs.Attribute, value: dict) -> None:
@@ -72,8 +76,9 @@ class SftpTransferSettings:
     host: Optional[str] = None
     #: SFTP sessions used at once for trees of many files
     parallel_channels: int = attrs.field(default=4, validator=_positive)
-    #: how the remote SHA-256 is computed: ``sha256sum`` on the host, or ``readback`` over SFTP
-    remote_hash: Literal["sha256sum", "readback"] = "sha256sum"
+    #: where the remote SHA-256 is computed: ``host`` (openssl dgst, else sha256sum, run on
+    #: the host) or ``readback`` (files read back over SFTP: slower, needs nothing there)
+    remote_hash: Literal["host", "readback"] = "host"
     #: give copied files the source's modification time
     preserve_mtime: bool = True
 
@@ -157,11 +162,11 @@ class SftpTransfer(Transfer):
                         return [f"hosts.{self.host_name}: root {self.host.root} does not exist on the host"]
                 limits = sftp_limits(sftp)
             self._info.append(f"host {self.host_name}: SFTP requests up to {min(limits[1], MAX_REQUEST) if limits else DEFAULT_REQUEST} bytes")
-            if self.settings.remote_hash == "sha256sum":
-                probe = self.conn.run("command -v sha256sum")
+            if self.settings.remote_hash == "host":
+                probe = self.conn.run("command -v openssl || command -v sha256sum")
                 if probe.exit_status != 0:
-                    return [f"hosts.{self.host_name}: sha256sum is not on the host's PATH; install coreutils "
-                            f"or set remote_hash: readback"]
+                    return [f"hosts.{self.host_name}: neither openssl nor sha256sum is on the host's PATH; "
+                            f"install coreutils or set remote_hash: readback"]
         except (SshError, TimeoutError) as exc:
             return [f"hosts.{self.host_name}: {exc}"]
         return []
@@ -232,28 +237,43 @@ class SftpTransfer(Transfer):
         return files, parts, folders
 
     def _remote_hashes(self, base: str, rels: list[str], total_bytes: int) -> dict[str, str]:
-        """SHA-256 of remote files (relative to ``base``), in one command per batch."""
+        """SHA-256 of remote files (relative to ``base``), computed on the host in one
+        command per batch: ``openssl dgst`` where the host has it (several times faster
+        than coreutils' ``sha256sum``), else ``sha256sum``. Names with a newline or a
+        backslash always go to ``sha256sum``, whose output escapes them."""
         if not rels:
             return {}
         if self.settings.remote_hash == "readback":
             return self._readback_hashes(base, rels)
+        plain = [r for r in rels if "\n" not in r and "\\" not in r]
+        odd = [r for r in rels if "\n" in r or "\\" in r]
         out: dict[str, str] = {}
-        for start in range(0, len(rels), 5000):
-            batch = rels[start:start + 5000]
-            line = remote.script_call('cd -- "$1" && exec xargs -0 -r sha256sum --', "mqi-hash", base)
-            result = self.conn.run(line, timeout=120 + total_bytes / 50e6,
-                                   stdin=b"\0".join(r.encode("utf-8", "surrogateescape") for r in batch))
-            lines = result.stdout.splitlines()
-            if result.exit_status == 127:
-                log.warning("sha256sum is missing on %s: reading files back to verify them (set remote_hash: "
-                            "readback to skip this probe)", self.host_name)
-                return self._readback_hashes(base, rels)
-            if result.exit_status != 0 or len(lines) != len(batch):
-                raise VerificationError(f"sha256sum on {self.host_name} failed (exit {result.exit_status}, "
-                                        f"{len(lines)} of {len(batch)} lines): {result.stderr.strip()[:300]}")
-            for rel, text in zip(batch, lines):
-                text = text[1:] if text.startswith("\\") else text  # names with \ or newline are escaped
-                out[rel] = text[:64]
+        for group, tool in ((plain, "fast"), (odd, "sha256sum")):
+            for start in range(0, len(group), 5000):
+                batch = group[start:start + 5000]
+                hashes = self._hash_batch(base, batch, tool, total_bytes)
+                if hashes is None:  # neither tool on the host
+                    log.warning("no sha256sum or openssl on %s: reading files back to verify them (set "
+                                "remote_hash: readback to skip this probe)", self.host_name)
+                    return self._readback_hashes(base, rels)
+                out.update(hashes)
+        return out
+
+    def _hash_batch(self, base: str, batch: list[str], tool: str, total_bytes: int) -> Optional[dict[str, str]]:
+        line = remote.script_call(remote.HASH, "mqi-hash", base, tool)
+        # "./" in front: a name that starts with "-" is never read as an option
+        names = b"\0".join(("./" + r).encode("utf-8", "surrogateescape") for r in batch)
+        result = self.conn.run(line, timeout=120 + total_bytes / 50e6, stdin=names)
+        if result.exit_status == 127:
+            return None
+        lines = result.stdout.splitlines()
+        if result.exit_status != 0 or len(lines) != len(batch):
+            raise VerificationError(f"hashing on {self.host_name} failed (exit {result.exit_status}, "
+                                    f"{len(lines)} of {len(batch)} lines): {result.stderr.strip()[:300]}")
+        out = {}
+        for rel, text in zip(batch, lines):
+            text = text[1:] if text.startswith("\\") else text  # sha256sum escapes odd names this way
+            out[rel] = text[:64].lower()
         return out
 
     def _readback_hashes(self, base: str, rels: list[str]) -> dict[str, str]:
@@ -272,9 +292,10 @@ class SftpTransfer(Transfer):
         return out
 
     def _parallel(self, items: list, work: Callable[[paramiko.SFTPClient, object], None], counter: _Counter,
-                  report: Callable[[], None]) -> None:
+                  report: Callable[[], None], reserve: int = 0) -> None:
         """Run ``work(sftp, item)`` for every item on up to ``parallel_channels`` SFTP
-        sessions, reporting progress from this thread meanwhile."""
+        sessions, reporting progress from this thread meanwhile; ``reserve`` channel slots
+        are left free for a command running at the same time."""
         if not items:
             return
         pending = list(reversed(items))
@@ -291,7 +312,7 @@ class SftpTransfer(Transfer):
                     work(sftp, item)
 
         # each session holds one of the host's max_channels slots for the whole transfer
-        channels = min(self.settings.parallel_channels, self.host.max_channels, len(items))
+        channels = min(self.settings.parallel_channels, max(1, self.host.max_channels - reserve), len(items))
         with concurrent.futures.ThreadPoolExecutor(channels, thread_name_prefix="sftp") as pool:
             futures = [pool.submit(worker) for _ in range(channels)]
             try:
@@ -383,13 +404,14 @@ class SftpTransfer(Transfer):
             if offset:
                 _hash_prefix(fin, offset, digest)
                 counter.add(offset)
-            with _closing(sftp.open(part, "r+b" if offset else "wb", bufsize=BUFFER)) as fout:
+            # unbuffered, one SFTP request per read: paramiko's own write buffer only copies
+            with _closing(sftp.open(part, "r+b" if offset else "wb", bufsize=0)) as fout:
                 fout.MAX_REQUEST_SIZE = write_size
                 fout.set_pipelined(True)
                 if offset:
                     fout.seek(offset)
                 while True:
-                    block = fin.read(BUFFER)
+                    block = fin.read(write_size)
                     if not block:
                         break
                     digest.update(block)
@@ -458,41 +480,75 @@ class SftpTransfer(Transfer):
             remote_files, _, _ = self._remote_walk(sftp, src)
         files = [remote_files[k] for k in sorted(remote_files)]
         total = sum(f.size for f in files)
+        dst.mkdir(parents=True, exist_ok=True)
+        # the host hashes its files while they stream here (both sides at once)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sftp-hash") as hasher:
+            pending_hashes = hasher.submit(self._remote_hashes, src, [f.rel for f in files], total)
+            try:
+                return self._download_files(src, dst, files, total, pending_hashes, progress)
+            finally:
+                pending_hashes.cancel()
+
+    def _download_files(self, src: str, dst: Path, files: list[_RemoteEntry], total: int,
+                        pending_hashes: "concurrent.futures.Future[dict[str, str]]",
+                        progress: ProgressCallback) -> TransferResult:
         counter = _Counter()
         report = counter.reporter(progress, len(files), total)
-
-        dst.mkdir(parents=True, exist_ok=True)
-        hashes = self._remote_hashes(src, [f.rel for f in files], total)
-        todo: list[_RemoteEntry] = []
+        present = set()
         for entry in files:
             target = self._local_target(dst, entry.rel)
             try:
-                present = target.is_file() and not target.is_symlink() and target.stat().st_size == entry.size
+                if target.is_file() and not target.is_symlink() and target.stat().st_size == entry.size:
+                    present.add(entry.rel)
             except OSError:
-                present = False
-            if present and sha256_file(target) == hashes[entry.rel]:
-                part_path(target).unlink(missing_ok=True)
-                counter.add(entry.size, 1)
-                continue
-            todo.append(entry)
+                pass
+        todo: list[_RemoteEntry] = []
+        if present:  # files already here: equal SHA-256 means skip (a re-run, a resume)
+            hashes = pending_hashes.result()
+            for entry in files:
+                target = self._local_target(dst, entry.rel)
+                if entry.rel in present and sha256_file(target) == hashes[entry.rel]:
+                    part_path(target).unlink(missing_ok=True)
+                    counter.add(entry.size, 1)
+                else:
+                    todo.append(entry)
+        else:
+            todo = list(files)
         skipped = len(files) - len(todo)
         report()
+        digests: dict[str, str] = {}
+
+        # parts must be on disk before they get their final names: one fsync per file for a
+        # few files, one sync() for many (2,000 fsyncs cost more than the whole transfer)
+        sync_each = len(todo) <= SYNC_EACH_UP_TO
 
         def fetch(sftp: paramiko.SFTPClient, item: object) -> None:
             assert isinstance(item, _RemoteEntry)
             target = self._local_target(dst, item.rel)
             target.parent.mkdir(parents=True, exist_ok=True)
-            if self._fetch(sftp, posixpath.join(src, item.rel), item, target, counter) != hashes[item.rel]:
-                log.warning("download %s: SHA-256 differs from the source; fetching it again", item.rel)
-                counter.add(-item.size)
-                part_path(target).unlink(missing_ok=True)
-                if self._fetch(sftp, posixpath.join(src, item.rel), item, target, counter) != hashes[item.rel]:
+            digests[item.rel] = self._fetch(sftp, posixpath.join(src, item.rel), item, target, counter, sync_each)
+
+        self._parallel(todo, fetch, counter, report, reserve=1)  # type: ignore[arg-type]
+        if todo and not sync_each:
+            os.sync()
+        hashes = pending_hashes.result()
+        bad = [e for e in todo if digests[e.rel] != hashes[e.rel]]
+        if bad:
+            log.warning("download from %s: %d file(s) did not verify; fetching them again from the start",
+                        self.host_name, len(bad))
+            with self.conn.sftp() as sftp:
+                for entry in bad:
+                    target = self._local_target(dst, entry.rel)
                     part_path(target).unlink(missing_ok=True)
-                    raise VerificationError(f"{item.rel}: SHA-256 of the download does not match the source")
+                    counter.add(-entry.size)
+                    if self._fetch(sftp, posixpath.join(src, entry.rel), entry, target, counter) != hashes[entry.rel]:
+                        part_path(target).unlink(missing_ok=True)
+                        raise VerificationError(f"{entry.rel}: SHA-256 of the download does not match the source "
+                                                f"after a second try")
+        for entry in todo:
+            target = self._local_target(dst, entry.rel)
             os.replace(part_path(target), target)
             counter.add(files=1)
-
-        self._parallel(todo, fetch, counter, report)  # type: ignore[arg-type]
         for folder in {self._local_target(dst, e.rel).parent for e in todo} | {dst}:
             fsync_dir(folder)
         write_manifest(dst, {f.rel: {"sha256": hashes[f.rel], "size": f.size} for f in files})
@@ -507,9 +563,9 @@ class SftpTransfer(Transfer):
         return target
 
     def _fetch(self, sftp: paramiko.SFTPClient, path: str, entry: _RemoteEntry, target: Path,
-               counter: _Counter) -> str:
-        """Read ``path`` into ``target.part`` (continuing a shorter leftover part); return
-        the SHA-256 of the part, hashed again from disk after an fsync."""
+               counter: _Counter, sync: bool = True) -> str:
+        """Read ``path`` into ``target.part`` (continuing a shorter leftover part), fsync it
+        when ``sync``; return the SHA-256 of the whole part, hashed as it streamed."""
         part = part_path(target)
         if part.is_symlink():
             part.unlink()
@@ -520,31 +576,77 @@ class SftpTransfer(Transfer):
         if offset > entry.size:
             part.unlink()
             offset = 0
-        counter.add(offset)
+        digest = hashlib.sha256()
         read_size, _ = self._sizes(sftp)
-        flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(part, flags, 0o644)
-        with open(fd, "r+b" if offset else "wb") as fout:
+        with open(fd, "r+b") as fout:
+            if offset:
+                _hash_prefix(fout, offset, digest)
+                counter.add(offset)
             fout.seek(offset)
             fout.truncate(offset)
+            chunks = []
+            position = offset
+            while position < entry.size:
+                length = min(read_size, entry.size - position)
+                chunks.append((position, length))
+                position += length
             with _closing(sftp.open(path, "rb")) as fin:
                 fin.MAX_REQUEST_SIZE = read_size
-                fin.seek(offset)
-                if entry.size - offset > read_size:
-                    fin.prefetch(entry.size)
-                remaining = entry.size - offset
-                while remaining > 0:
-                    block = fin.read(min(BUFFER, remaining))
-                    if not block:
-                        break
-                    fout.write(block)
-                    remaining -= len(block)
-                    counter.add(len(block))
+                if len(chunks) > 1:  # readv pipelines every request (in a thread of its own)
+                    blocks: Iterable[bytes] = fin.readv(chunks)
+                else:  # a small file: one request, no thread
+                    fin.seek(offset)
+                    blocks = [fin.read(chunks[0][1])] if chunks else []
+                with _BackgroundHash(digest, len(chunks) > 1) as hasher:
+                    for block in blocks:
+                        fout.write(block)
+                        hasher.update(block)
+                        counter.add(len(block))
+            if fout.tell() != entry.size:
+                raise VerificationError(f"{path} on {self.host_name} changed size while it was read")
             fout.flush()
-            os.fsync(fout.fileno())
+            if sync:
+                os.fsync(fout.fileno())
         if self.settings.preserve_mtime:
             os.utime(part, (entry.mtime, entry.mtime))
-        return sha256_file(part)
+        return digest.hexdigest()
+
+
+class _BackgroundHash:
+    """Feeds a digest from a thread of its own (hashlib releases the GIL), so hashing a
+    big download overlaps with receiving it; inline when ``threaded`` is False."""
+
+    def __init__(self, digest: "hashlib._Hash", threaded: bool) -> None:
+        self.digest = digest
+        self.queue: Optional[queue.Queue] = queue.Queue(maxsize=64) if threaded else None
+        self.thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "_BackgroundHash":
+        if self.queue is not None:
+            self.thread = threading.Thread(target=self._run, name="sftp-sha256", daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        assert self.queue is not None
+        while True:
+            block = self.queue.get()
+            if block is None:
+                return
+            self.digest.update(block)
+
+    def update(self, block: bytes) -> None:
+        if self.queue is None:
+            self.digest.update(block)
+        else:
+            self.queue.put(block)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.queue is not None and self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
 
 
 @contextlib.contextmanager

@@ -176,3 +176,13 @@ def launch(jobs_dir: str, job_dir: str, workdir: str, timeout: Optional[float], 
     seconds = int(-(-timeout // 1)) if timeout and timeout > 0 else 0  # whole seconds, rounded up
     return script_call(LAUNCHER, "mqi-launch", jobs_dir, job_dir, workdir, seconds, max(0, int(grace)), command,
                        SUPERVISOR)
+
+#: SHA-256 of the NUL-separated file names on stdin, relative to $1, one line each in
+#: order: ``openssl dgst`` when $2 is ``fast`` and the host has openssl, else ``sha256sum``;
+#: exit 127 when neither exists.   $1 BASE  $2 fast|sha256sum
+HASH = r"""
+cd -- "$1" || exit 2
+if [ "$2" = fast ] && command -v openssl >/dev/null 2>&1; then exec xargs -0 -r openssl dgst -sha256 -r; fi
+command -v sha256sum >/dev/null 2>&1 || exit 127
+exec xargs -0 -r sha256sum --
+"""
