@@ -32,7 +32,8 @@ def remote_config(sshd, remote_root: Path, *, seconds: str = "0.5", command: str
         "workers": {
             "transfer": {"plugin": "sftp", "settings": {"hosts": {"gpu1": host}}},
             "execute": {"plugin": "ssh", "interval_seconds": 0.2,
-                        "settings": {"hosts": {"gpu1": host}, "kill_grace_seconds": 1}},
+                        "settings": {"hosts": {"gpu1": host}, "kill_grace_seconds": 1,
+                                     "poll_interval_seconds": 0.2}},
         },
     })
     config["workflow"]["remote_root"] = str(remote_root / "cases")

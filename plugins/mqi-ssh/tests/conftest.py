@@ -29,7 +29,7 @@ def make_executor(sshd_running: Any, remote_root: Path, tmp_path: Path) -> Itera
 
     def make(host: dict | None = None, **settings: Any) -> SshExecutor:
         host_settings = sshd_running.host_settings(**{"root": str(remote_root), **(host or {})})
-        data = {"hosts": {"gpu1": host_settings}, "kill_grace_seconds": 1, **settings}
+        data = {"hosts": {"gpu1": host_settings}, "kill_grace_seconds": 1, "poll_interval_seconds": 0.05, **settings}
         executor = SshExecutor(configload.structure(SshExecutorSettings, data, path="settings"),
                                PluginContext(workspace=tmp_path))
         made.append(executor)

@@ -198,3 +198,19 @@ def test_routes_by_gpu_host_and_check_reports_fingerprints(make_executor, remote
     assert any("absolute" in p for p in relative.check())
     escaping = make_executor(jobs_dir="../../elsewhere")
     assert any("jobs_dir" in p and "outside" in p for p in escaping.check())
+
+
+def test_one_status_command_per_host_for_all_running_jobs(make_executor, remote_root, mocker):
+    executor = make_executor(poll_interval_seconds=30)
+    handles = [executor.start(JobSpec(f"many-{i}", "sleep 20", str(remote_root))) for i in range(4)]
+    for handle in handles:  # each job is asked about once: that makes the host's watch list
+        executor.poll(handle)
+    executor._forget_status("gpu1")
+    conn = executor._conn("gpu1")
+    spy = mocker.spy(conn, "run")
+    assert [executor.poll(h).state for h in handles] == ["running"] * 4
+    assert spy.call_count == 1  # one round trip for all four
+    executor.kill(handles[0])  # a kill forgets the cached answer
+    assert executor.poll(handles[0]).state == "exited"
+    for handle in handles[1:]:
+        executor.kill(handle)

@@ -54,6 +54,8 @@ class SshExecutorSettings:
     start_timeout_seconds: float = 120.0
     #: a host unreachable this long while jobs run: those jobs are reported lost (retried)
     unreachable_lost_after_seconds: float = 3600.0
+    #: at most one status command per host this often, for all its running jobs at once
+    poll_interval_seconds: float = 2.0
 
     def __attrs_post_init__(self) -> None:
         if self.host is not None and self.host not in self.hosts:
@@ -74,6 +76,9 @@ class SshExecutor(Executor):
         #: jobs reported lost while their host was unreachable: killed once it answers again,
         #: so that a job that was only cut off does not hold a GPU the retry may be given
         self._abandoned: dict[str, dict[str, str]] = {}
+        #: per host: job folders polled lately, and the last answer for all of them
+        self._watched: dict[str, dict[str, float]] = {}
+        self._status_cache: dict[str, tuple[float, dict[str, list[str]]]] = {}
         self._last_host: Optional[str] = None
         self._info: list[str] = []
 
@@ -173,18 +178,14 @@ class SshExecutor(Executor):
         host, job_dir = handle.data["host"], handle.data["job_dir"]
         self._last_host = host
         try:
-            result = self._conn(host).run(remote.script_call(remote.STATUS, "mqi-status", job_dir), timeout=30)
+            words = self._status_words(host, job_dir)
         except (SshError, TimeoutError) as exc:
             status = self._unreachable(host, exc)
             if status.state == "lost":
                 self._abandoned.setdefault(host, {})[job_dir] = handle.job_key
             return status
-        self._unreachable_since.pop(host, None)
-        self._kill_abandoned(host)
-        words = (result.stdout.strip().splitlines() or [""])[-1].split()
-        if result.exit_status != 0 or not words:
-            raise RuntimeError(f"reading the status of job {handle.job_key} on {host} failed "
-                               f"(exit {result.exit_status}): {result.stderr.strip()[:300]}")
+        if not words:
+            raise RuntimeError(f"reading the status of job {handle.job_key} on {host} gave no answer")
         kind = words[0]
         if kind == "exited":
             try:
@@ -205,6 +206,32 @@ class SshExecutor(Executor):
         if kind == "missing":
             return JobStatus("lost", message=f"job folder {job_dir} is gone from {host}")
         return JobStatus("lost", message=f"the job's processes on {host} are gone and it left no exit code")
+
+    def _status_words(self, host: str, job_dir: str) -> list[str]:
+        """The status line of ``job_dir``, from one command that reads every job this worker
+        polled on ``host`` lately, run at most every ``poll_interval_seconds`` per host (so a
+        tick over many running beams costs one round trip, not one each)."""
+        now = time.monotonic()
+        watched = self._watched.setdefault(host, {})
+        watched[job_dir] = now
+        cached = self._status_cache.get(host)
+        if cached is not None and job_dir in cached[1] and now - cached[0] < self.settings.poll_interval_seconds:
+            return cached[1][job_dir]
+        dirs = [d for d, seen in watched.items() if now - seen < 600.0]  # forget jobs nobody asks about
+        self._watched[host] = {d: watched[d] for d in dirs}
+        result = self._conn(host).run(remote.script_call(remote.STATUS, "mqi-status", *dirs), timeout=30)
+        self._unreachable_since.pop(host, None)
+        lines = result.stdout.strip().splitlines()
+        if result.exit_status != 0 or len(lines) != len(dirs):
+            raise RuntimeError(f"reading the status of {len(dirs)} job(s) on {host} failed "
+                               f"(exit {result.exit_status}, {len(lines)} lines): {result.stderr.strip()[:300]}")
+        answers = {d: line.split() for d, line in zip(dirs, lines)}
+        self._status_cache[host] = (now, answers)
+        self._kill_abandoned(host)
+        return answers[job_dir]
+
+    def _forget_status(self, host: str) -> None:
+        self._status_cache.pop(host, None)
 
     def _unreachable(self, host: str, exc: Exception) -> JobStatus:
         now = time.monotonic()
@@ -231,6 +258,7 @@ class SshExecutor(Executor):
     def kill(self, handle: JobHandle) -> None:
         host, job_dir = handle.data["host"], handle.data["job_dir"]
         grace = self.settings.kill_grace_seconds
+        self._forget_status(host)
         result = self._conn(host).run(remote.script_call(remote.KILL, "mqi-kill", job_dir, grace), timeout=grace + 30)
         if result.exit_status != 0:
             raise RuntimeError(f"killing job {handle.job_key} on {host} failed (exit {result.exit_status}): "

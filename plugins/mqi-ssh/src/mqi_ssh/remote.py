@@ -100,28 +100,33 @@ i=0
 while [ ! -f "$d/pid" ] && [ ! -f "$d/exit_code" ] && [ "$i" -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
 """
 
-#: prints one status line: ``exited CODE [timed_out] [killed]``, ``running``, ``starting
-#: AGE``, ``rebooted``, ``lost``, ``missing``.   $1 JOB_DIR
+#: prints one status line per JOB_DIR argument, in order: ``exited CODE [timed_out]
+#: [killed]``, ``running``, ``starting AGE``, ``rebooted``, ``lost``, ``missing``.
+#: $@ JOB_DIR...
 STATUS = _START_TIME + "\n" + _BOOT_ID + r"""
-d=$1
-if [ -f "$d/exit_code" ]; then
-    line="exited $(cat "$d/exit_code")"
-    [ -f "$d/timed_out" ] && line="$line timed_out"
-    [ -f "$d/killed" ] && line="$line killed"
-    echo "$line"; exit 0
-fi
-[ -d "$d" ] || { echo missing; exit 0; }
-if [ ! -f "$d/pid" ]; then
-    now=$(date +%s); made=$(stat -c %Y "$d" 2>/dev/null || echo "$now")
-    echo "starting $((now - made))"; exit 0
-fi
-read -r spid sstart cpid cstart boot < "$d/pid"
-if [ "$boot" != "$(boot_id)" ]; then echo rebooted; exit 0; fi
-if [ "$(start_of "$spid")" = "$sstart" ] || { [ "$cpid" != 0 ] && [ "$(start_of "$cpid")" = "$cstart" ]; }; then
-    echo running; exit 0
-fi
-if [ -f "$d/exit_code" ]; then echo "exited $(cat "$d/exit_code")"; exit 0; fi
-echo lost
+job_status() {
+    d=$1
+    if [ -f "$d/exit_code" ]; then
+        line="exited $(cat "$d/exit_code")"
+        [ -f "$d/timed_out" ] && line="$line timed_out"
+        [ -f "$d/killed" ] && line="$line killed"
+        echo "$line"; return
+    fi
+    [ -d "$d" ] || { echo missing; return; }
+    if [ ! -f "$d/pid" ]; then
+        now=$(date +%s); made=$(stat -c %Y "$d" 2>/dev/null || echo "$now")
+        echo "starting $((now - made))"; return
+    fi
+    read -r spid sstart cpid cstart boot < "$d/pid"
+    if [ "$boot" != "$this_boot" ]; then echo rebooted; return; fi
+    if [ "$(start_of "$spid")" = "$sstart" ] || { [ "$cpid" != 0 ] && [ "$(start_of "$cpid")" = "$cstart" ]; }; then
+        echo running; return
+    fi
+    if [ -f "$d/exit_code" ]; then echo "exited $(cat "$d/exit_code")"; return; fi
+    echo lost
+}
+this_boot=$(boot_id)
+for job in "$@"; do job_status "$job"; done
 """
 
 #: kills the job's process group (TERM, then KILL after GRACE), unless it finished or the
