@@ -29,7 +29,10 @@ class PluginContext:
     ``worker`` is the name of the worker section that created the instance (``None``
     when the CLI creates it, e.g. for ``mqi-host check``); ``state_db`` and
     ``broker_url`` locate the state database and the broker (services such as a
-    dashboard read them; workers report through events instead).
+    dashboard read them; workers report through events instead); ``remote_root`` is
+    ``workflow.remote_root`` as the host uses it (cases live in ``remote_root/<case>``
+    on the execution side), so that a remote plugin's ``check`` can tell whether it
+    fits its own settings.
     """
 
     workspace: Path
@@ -37,6 +40,7 @@ class PluginContext:
     config_path: Optional[Path] = None
     state_db: Optional[Path] = None
     broker_url: Optional[str] = None
+    remote_root: Optional[str] = None
 
 
 class Plugin(abc.ABC):

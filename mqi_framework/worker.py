@@ -46,7 +46,8 @@ def make_broker(loaded: LoadedConfig) -> Broker:
 
 def plugin_context(loaded: LoadedConfig, worker: Optional[str]) -> p.PluginContext:
     return p.PluginContext(workspace=loaded.workspace, worker=worker, config_path=loaded.path,
-                           state_db=loaded.database_path, broker_url=loaded.broker_url)
+                           state_db=loaded.database_path, broker_url=loaded.broker_url,
+                           remote_root=loaded.remote_root)
 
 
 def build_worker_plugin(loaded: LoadedConfig, name: str, host: Optional[plugins.PluginHost] = None) -> p.Plugin:

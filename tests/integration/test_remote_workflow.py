@@ -140,3 +140,12 @@ def test_check_refuses_an_unknown_host_key_and_shows_it(tmp_path, sshd_running, 
     assert check.returncode == 2
     assert "is unknown" in check.stdout and sshd_running.fingerprint() in check.stdout
     assert "ssh-keyscan" in check.stdout and empty.read_text() == ""
+
+
+def test_check_names_a_remote_root_outside_the_hosts_root(tmp_path, sshd_running, remote_root):
+    config = remote_config(sshd_running, remote_root)
+    config["workflow"]["remote_root"] = "remote"  # relative: it would resolve inside the local workspace
+    ws = Workspace(tmp_path / "ws", config)
+    check = ws.cli("check")
+    assert check.returncode == 2
+    assert "workflow.remote_root" in check.stdout and "is not inside the root" in check.stdout

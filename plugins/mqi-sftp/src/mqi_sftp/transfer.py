@@ -146,7 +146,8 @@ class SftpTransfer(Transfer):
 
     def check(self) -> list[str]:
         self._info = []
-        bad_root = self.host.check_root()
+        bad_root = self.host.check_root() or remotepath.remote_root_problem(self.context.remote_root, self.host.root,
+                                                                             self.host_name)
         if bad_root:
             return [f"hosts.{self.host_name}: {bad_root}"]
         try:

@@ -121,10 +121,12 @@ class SshExecutor(Executor):
         problems: list[str] = []
         self._info = []
         for name, host in self.settings.hosts.items():
-            bad_root = host.check_root()
+            bad_root = host.check_root() or remotepath.remote_root_problem(self.context.remote_root, host.root, name)
             if bad_root:
                 problems.append(f"hosts.{name}: {bad_root}")
                 continue
+            if host.root is None:
+                self._info.append(f"host {name}: no `root` set: remote paths are not confined to a folder")
             try:
                 jobs = self._jobs_dir(name)
             except PathEscapeError as exc:

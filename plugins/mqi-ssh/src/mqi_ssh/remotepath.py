@@ -35,6 +35,18 @@ def inside_root(path: str, root: Optional[str]) -> str:
     return full
 
 
+def remote_root_problem(remote_root: Optional[str], host_root: Optional[str], host_name: str) -> Optional[str]:
+    """Why cases under ``workflow.remote_root`` cannot go to this host, or None."""
+    if remote_root is None or host_root is None:
+        return None
+    try:
+        inside_root(remote_root, host_root)
+    except PathEscapeError:
+        return (f"workflow.remote_root {remote_root} is not inside the root {host_root} of host {host_name}: "
+                f"cases would be refused (set remote_root to an absolute path inside it)")
+    return None
+
+
 def _is_magic(part: str) -> bool:
     return any(c in part for c in MAGIC)
 
