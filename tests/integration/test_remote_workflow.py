@@ -149,3 +149,22 @@ def test_check_names_a_remote_root_outside_the_hosts_root(tmp_path, sshd_running
     check = ws.cli("check")
     assert check.returncode == 2
     assert "workflow.remote_root" in check.stdout and "is not inside the root" in check.stdout
+
+
+def test_a_beam_whose_host_rebooted_is_retried(tmp_path, sshd_running, remote_root, host_factory):
+    ws = Workspace(tmp_path / "ws", remote_config(sshd_running, remote_root, seconds="3"))
+    samples.generate_case(ws.inbox, "REBOOT", seed=9, treatment_beams=1)
+    host_factory(workspace=ws)
+    jobs = remote_root / ".mqi-jobs"
+    assert wait_until(lambda: any(jobs.glob("*simulate*-a1/pid")), 60), ws.logs()
+    pid_file = next(jobs.glob("*simulate*-a1/pid"))
+    fields = pid_file.read_text().split()
+    os.killpg(int(fields[2]), signal.SIGKILL)  # the machine went down with the job...
+    os.kill(int(fields[0]), signal.SIGKILL)
+    pid_file.write_text(" ".join(fields[:4] + ["boot-id-before-the-reboot"]) + "\n")  # ...and came back
+    case = wait_final(ws, 1, timeout=120)["REBOOT"]
+    assert case["state"] == "done", (case, ws.logs())
+    assert simulate_attempts(ws) == [2]  # the lost attempt was retried
+    first = ws.query("SELECT a.outcome, a.message FROM attempts a JOIN steps s ON s.id = a.step_id "
+                     "WHERE s.name = 'simulate' AND a.attempt = 1")[0]
+    assert first["outcome"] == "failed" and "rebooted" in first["message"], dict(first)
