@@ -23,12 +23,13 @@ FINAL = ("done", "failed", "rejected", "cancelled")
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
-    """A fresh venv with the core, the Moqui plugin and both example plugins, installed by pip."""
+    """A fresh venv with the core, the Moqui, SSH and SFTP plugins and both example plugins,
+    installed by pip (not editable: what a site gets)."""
     folder = tmp_path_factory.mktemp("site-venv") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
     python = folder / "bin" / "python"
-    packages = [ROOT, ROOT / "plugins" / "mqi-moqui", ROOT / "examples" / "site-worklist",
-                ROOT / "examples" / "site-launcher"]
+    packages = [ROOT, ROOT / "plugins" / "mqi-moqui", ROOT / "plugins" / "mqi-ssh", ROOT / "plugins" / "mqi-sftp",
+                ROOT / "examples" / "site-worklist", ROOT / "examples" / "site-launcher"]
     proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", *map(str, packages)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -60,6 +61,8 @@ def test_installed_examples_are_listed(venv):
     assert listing["site.worklist"]["provides"] == ["scanner site.worklist"]
     assert listing["site.launcher"]["provides"] == ["executor site.launcher"]
     assert listing["site.launcher"]["source"] == "entry point"
+    assert listing["ssh"]["status"] == "ok" and listing["ssh"]["provides"] == ["executor ssh"]
+    assert listing["sftp"]["distribution"] == "mqi-sftp" and listing["sftp"]["provides"] == ["transfer sftp"]
 
 
 def test_a_config_selecting_them_runs_a_case_to_done(venv, tmp_path):
