@@ -147,3 +147,14 @@ def test_new_connections_per_minute_are_limited(mocker):
     assert sum(slept) == pytest.approx(60.0)
     budget.wait_turn(("other",), 3, "other")  # per host
     assert sum(slept) == pytest.approx(60.0)
+
+
+def test_a_command_cut_off_by_a_dropped_connection_fails_fast(sshd_running):
+    with connect(sshd_running.host_settings()) as conn:
+        conn.run("true")
+        threading.Timer(0.5, sshd_running.drop_connections).start()
+        started = time.monotonic()
+        with pytest.raises(SshUnreachable, match="dropped|failed"):
+            conn.run("sleep 20", timeout=60)
+        assert time.monotonic() - started < 10
+        assert conn.run("echo back").stdout == "back\n"

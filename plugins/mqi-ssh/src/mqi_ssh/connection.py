@@ -413,9 +413,11 @@ class SshConnection:
                     out.append(channel.recv(65536))
                 while channel.recv_stderr_ready():
                     err.append(channel.recv_stderr(65536))
-                if channel.exit_status_ready() and channel.eof_received and not channel.recv_ready() \
-                        and not channel.recv_stderr_ready():
+                drained = not channel.recv_ready() and not channel.recv_stderr_ready()
+                if channel.exit_status_ready() and (channel.eof_received or channel.closed) and drained:
                     break
+                if channel.closed and drained:  # its transport went away (another thread reconnected)
+                    raise SshUnreachable(f"SSH {self.label}: connection dropped while a command ran")
                 if not self._shared.transport or not self._shared.transport.is_active():
                     raise SshUnreachable(f"SSH {self.label}: connection dropped while a command ran")
                 left = deadline - time.monotonic()
