@@ -430,6 +430,9 @@ class SshConnection:
             self.drop()
             raise SshUnreachable(f"SSH {self.label}: connection failed while a command ran: {exc}") from None
         status = channel.recv_exit_status() if channel.exit_status_ready() else None
+        if status == -1 and not channel.get_transport().is_active():  # no exit status: the link went down
+            self.drop()
+            raise SshUnreachable(f"SSH {self.label}: connection dropped while a command ran")
         return CommandResult(None if status == -1 else status, b"".join(out).decode("utf-8", "replace"),
                              b"".join(err).decode("utf-8", "replace"))
 
