@@ -33,3 +33,11 @@ def test_settings_errors_name_the_key():
         configload.structure(SshExecutorSettings, {"hosts": {}}, path="settings")
     with pytest.raises(ConfigError, match="hostnmae"):
         configload.structure(SshExecutorSettings, {"hosts": {"gpu1": {"hostnmae": "h"}}}, path="settings")
+
+
+def test_secrets_never_show_in_settings_repr():
+    from mqi_ssh.settings import JumpHostSettings, SshHostSettings
+
+    settings = SshHostSettings(hostname="h", password="pw-SECRET", key_passphrase="pp-SECRET",
+                               jump_host=JumpHostSettings(hostname="j", password="jump-SECRET"))
+    assert "SECRET" not in repr(settings) and "SECRET" not in str(settings)

@@ -29,8 +29,8 @@ class JumpHostSettings:
     port: int = attrs.field(default=22, validator=_positive)
     user: str = ""  # default: the user running the host
     key_file: Optional[str] = None  # private key; default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa
-    key_passphrase: Optional[str] = None  # write ${ENV_VAR}
-    password: Optional[str] = None  # write ${ENV_VAR}; a key is better
+    key_passphrase: Optional[str] = attrs.field(default=None, repr=False)  # write ${ENV_VAR}
+    password: Optional[str] = attrs.field(default=None, repr=False)  # write ${ENV_VAR}; a key is better
     known_hosts: str = "~/.ssh/known_hosts"  # the jump host's key must be in it
 
 
@@ -43,8 +43,10 @@ class SshHostSettings:
     user: str = ""  # default: the user running the host
     #: private key file (OpenSSH format); default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa
     key_file: Optional[str] = None
-    key_passphrase: Optional[str] = None  # for an encrypted key: write ${ENV_VAR}
-    password: Optional[str] = None  # write ${ENV_VAR}; used only when no key is accepted
+    #: for an encrypted key: write ${ENV_VAR}; never shown (repr, logs, messages)
+    key_passphrase: Optional[str] = attrs.field(default=None, repr=False)
+    #: write ${ENV_VAR}; used only when no key is accepted; never shown
+    password: Optional[str] = attrs.field(default=None, repr=False)
     allow_agent: bool = False  # also offer keys of a running ssh-agent
     #: host keys are checked against this file; unknown or changed keys are refused
     known_hosts: str = "~/.ssh/known_hosts"
