@@ -283,3 +283,26 @@ def test_a_full_local_disk_is_named_and_the_part_kept_for_later(make_transfer, t
     mocker.stopall()
     transfer.download(str(remote), tmp_path / "back", lambda p: None)  # space again: it completes
     assert (tmp_path / "back" / "dose.raw").read_bytes() == data
+
+
+def test_big_files_are_verified_segment_by_segment_while_they_stream(make_transfer, tmp_path, remote_root, mocker):
+    import mqi_sftp.transfer as module
+
+    mocker.patch.object(module, "SEGMENT", 1024 * 1024)
+    mocker.patch.object(module, "STREAM_VERIFY_FROM", 2 * 1024 * 1024)
+    src = tmp_path / "src"
+    src.mkdir()
+    data = os.urandom(5 * 1024 * 1024 + 123)
+    (src / "dose.raw").write_bytes(data)
+    (src / "small.txt").write_bytes(b"small")
+    transfer = make_transfer()
+    hashed = mocker.spy(transfer, "_remote_hashes")
+    transfer.upload(src, str(remote_root / "c"), lambda p: None)
+    assert (remote_root / "c" / "dose.raw").read_bytes() == data
+    assert [c.args[1] for c in hashed.call_args_list if c.args[1]] == [["small.txt.part"]]  # the big one was done
+    # a leftover part with a wrong beginning: its first segment does not match, so the whole
+    # file is checked the usual way, found wrong, and written again from the start
+    (remote_root / "c" / "dose.raw").unlink()
+    (remote_root / "c" / "dose.raw.part").write_bytes(os.urandom(1_500_000))
+    transfer.upload(src, str(remote_root / "c"), lambda p: None)
+    assert (remote_root / "c" / "dose.raw").read_bytes() == data

@@ -54,6 +54,12 @@ MAX_REQUEST = 256 * 1024
 BUFFER = 1024 * 1024
 #: downloads of up to this many files fsync each; more are made durable with one sync()
 SYNC_EACH_UP_TO = 16
+#: uploads of files this big are verified segment by segment while they stream
+STREAM_VERIFY_FROM = 64 * 1024 * 1024
+#: segment size of that verification (the last segment is hashed after the data arrived)
+SEGMENT = 32 * 1024 * 1024
+#: the host's segment hasher gives up when the file did not grow for this long
+SEGMENT_STALL_SECONDS = 15
 
 
 def _check_hosts(instance: object, attribute: attrs.Attribute, value: dict) -> None:
@@ -363,8 +369,8 @@ class SftpTransfer(Transfer):
             todo.append(item)
         skipped = len(files) - len(todo)
         report()
-        self._send_all(todo, dst, parts, digests, counter, report)
-        self._verify_and_rename_uploads(todo, dst, digests, counter, report)
+        verified = self._send_all(todo, dst, parts, digests, counter, report)
+        self._verify_and_rename_uploads(todo, dst, digests, verified, counter, report)
         self._write_remote_manifest(dst, {f.rel: {"sha256": digests[f.rel], "size": f.size} for f in files})
         report()
         return TransferResult(files=len(files), bytes=total, skipped=skipped)
@@ -386,57 +392,98 @@ class SftpTransfer(Transfer):
                 raise NotADirectoryError(f"remote path {current} on {self.host_name} is not a folder")
 
     def _send_all(self, todo: list[TreeFile], dst: str, parts: dict[str, int], digests: dict[str, str],
-                  counter: _Counter, report: Callable[[], None]) -> None:
+                  counter: _Counter, report: Callable[[], None]) -> set[str]:
+        """Send every file to its ``.part``; return the files already verified while they
+        streamed (see :meth:`_send`)."""
+        verified: set[str] = set()
+
         def send(sftp: paramiko.SFTPClient, item: object) -> None:
             assert isinstance(item, TreeFile)
-            digests[item.rel] = self._send(sftp, item, posixpath.join(dst, item.rel), parts.get(item.rel), counter)
+            digests[item.rel], ok = self._send(sftp, item, posixpath.join(dst, item.rel), parts.get(item.rel),
+                                               counter)
+            if ok:
+                verified.add(item.rel)
 
-        self._parallel(todo, send, counter, report)  # type: ignore[arg-type]
+        # one channel stays free for the segment hashers of big files
+        self._parallel(todo, send, counter, report, reserve=1)  # type: ignore[arg-type]
+        return verified
 
     def _send(self, sftp: paramiko.SFTPClient, item: TreeFile, final: str, part_size: Optional[int],
-              counter: _Counter) -> str:
-        """Write ``item`` to ``final.part`` (continuing a shorter leftover part) and return
-        the SHA-256 of the whole local file, hashed as it streamed."""
+              counter: _Counter, stream_verify: bool = True) -> tuple[str, bool]:
+        """Write ``item`` to ``final.part`` (continuing a shorter leftover part). Returns
+        the SHA-256 of the whole local file, hashed as it streamed, and whether the part was
+        verified on the way: a big file is hashed on the host segment by segment while
+        later segments still stream, and every segment's SHA-256 matched the source's."""
         part = final + PART_SUFFIX
         offset = part_size if part_size is not None and 0 < part_size <= item.size else 0
-        digest = hashlib.sha256()
         _, write_size = self._sizes(sftp)
-        with open(item.path, "rb") as fin:
-            if offset:
-                _hash_prefix(fin, offset, digest)
-                counter.add(offset)
-            # unbuffered, one SFTP request per read: paramiko's own write buffer only copies
-            with _closing(sftp.open(part, "r+b" if offset else "wb", bufsize=0)) as fout:
-                fout.MAX_REQUEST_SIZE = write_size
-                fout.set_pipelined(True)
+        segmented = stream_verify and item.size >= STREAM_VERIFY_FROM and self.settings.remote_hash == "host"
+        hashes = _StreamHashes(item.size if segmented else 0)
+        # not a `with`: after a failure the host's hasher is not waited for (it gives up by itself)
+        verifier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sftp-verify")
+        remote_segments: Optional[concurrent.futures.Future] = None
+        try:
+            with open(item.path, "rb") as fin:
                 if offset:
-                    fout.seek(offset)
-                while True:
-                    block = fin.read(write_size)
-                    if not block:
-                        break
-                    digest.update(block)
-                    fout.write(block)
-                    counter.add(len(block))
+                    _hash_prefix(fin, offset, hashes.update)
+                    counter.add(offset)
+                # unbuffered, one SFTP request per read: paramiko's own write buffer only copies
+                with _closing(sftp.open(part, "r+b" if offset else "wb", bufsize=0)) as fout:
+                    if segmented:  # started once the part is open (and a fresh one truncated)
+                        remote_segments = verifier.submit(self._segment_hashes, part, hashes.segments, item.size)
+                    fout.MAX_REQUEST_SIZE = write_size
+                    fout.set_pipelined(True)
+                    if offset:
+                        fout.seek(offset)
+                    while True:
+                        block = fin.read(write_size)
+                        if not block:
+                            break
+                        hashes.update(block)
+                        fout.write(block)
+                        counter.add(len(block))
+            verified = False
+            if remote_segments is not None:
+                try:
+                    verified = remote_segments.result() == hashes.segment_digests()
+                except (SshError, TimeoutError, RuntimeError) as exc:
+                    log.info("segment check of %s on %s failed (%s); verifying the whole file", item.rel,
+                             self.host_name, exc)
+        finally:
+            verifier.shutdown(wait=False, cancel_futures=True)
         if self.settings.preserve_mtime:
             st = item.path.stat()
             sftp.utime(part, (int(st.st_atime), int(st.st_mtime)))
-        return digest.hexdigest()
+        return hashes.whole.hexdigest(), verified
+
+    def _segment_hashes(self, path: str, segments: list[tuple[int, int]], size: int) -> list[str]:
+        args: list[object] = [path, SEGMENT_STALL_SECONDS]
+        for start, length in segments:
+            args += [start, length]
+        result = self.conn.run(remote.script_call(remote.SEGMENT_HASH, "mqi-segments", *args),
+                               timeout=SEGMENT_STALL_SECONDS * 2 + size / 20e6)
+        lines = result.stdout.splitlines()
+        if result.exit_status != 0 or len(lines) != len(segments):
+            raise RuntimeError(f"exit {result.exit_status}, {len(lines)} of {len(segments)} segments: "
+                               f"{(result.stderr or result.stdout).strip()[:200]}")
+        return [line[:64].lower() for line in lines]
 
     def _verify_and_rename_uploads(self, todo: list[TreeFile], dst: str, digests: dict[str, str],
-                                   counter: _Counter, report: Callable[[], None]) -> None:
+                                   verified: set[str], counter: _Counter, report: Callable[[], None]) -> None:
         if not todo:
             return
-        part_rels = [f.rel + PART_SUFFIX for f in todo]
-        remote_hashes = self._remote_hashes(dst, part_rels, sum(f.size for f in todo))
-        bad = [f for f in todo if remote_hashes.get(f.rel + PART_SUFFIX) != digests[f.rel]]
+        unverified = [f for f in todo if f.rel not in verified]
+        part_rels = [f.rel + PART_SUFFIX for f in unverified]
+        remote_hashes = self._remote_hashes(dst, part_rels, sum(f.size for f in unverified))
+        bad = [f for f in unverified if remote_hashes.get(f.rel + PART_SUFFIX) != digests[f.rel]]
         if bad:
             log.warning("upload to %s: %d file(s) did not verify; writing them again from the start",
                         self.host_name, len(bad))
             with self.conn.sftp() as sftp:
                 for item in bad:
                     counter.add(-item.size)
-                    digests[item.rel] = self._send(sftp, item, posixpath.join(dst, item.rel), None, counter)
+                    digests[item.rel], _ = self._send(sftp, item, posixpath.join(dst, item.rel), None, counter,
+                                                      stream_verify=False)
             again = self._remote_hashes(dst, [f.rel + PART_SUFFIX for f in bad], sum(f.size for f in bad))
             still = [f.rel for f in bad if again.get(f.rel + PART_SUFFIX) != digests[f.rel]]
             if still:
@@ -583,7 +630,7 @@ class SftpTransfer(Transfer):
         fd = os.open(part, flags, 0o644)
         with open(fd, "r+b") as fout:
             if offset:
-                _hash_prefix(fout, offset, digest)
+                _hash_prefix(fout, offset, digest.update)
                 counter.add(offset)
             fout.seek(offset)
             fout.truncate(offset)
@@ -665,13 +712,37 @@ def _closing(fh: paramiko.SFTPFile) -> Iterator[paramiko.SFTPFile]:
     fh.close()
 
 
-def _hash_prefix(fh, length: int, digest: "hashlib._Hash") -> None:  # type: ignore[no-untyped-def]
-    """Feed the first ``length`` bytes of ``fh`` to ``digest``, leaving ``fh`` after them."""
+class _StreamHashes:
+    """SHA-256 of a whole file and, when ``segmented_size`` is given, of each
+    :data:`SEGMENT`-sized segment, fed with consecutive blocks."""
+
+    def __init__(self, segmented_size: int = 0) -> None:
+        self.whole = hashlib.sha256()
+        self.segments = [(start, min(SEGMENT, segmented_size - start)) for start in range(0, segmented_size, SEGMENT)]
+        self._parts = [hashlib.sha256() for _ in self.segments]
+        self._position = 0
+
+    def update(self, block: bytes) -> None:
+        self.whole.update(block)
+        view = memoryview(block)
+        while view and self._parts:
+            index = self._position // SEGMENT
+            take = min(len(view), (index + 1) * SEGMENT - self._position)
+            self._parts[index].update(view[:take])
+            view = view[take:]
+            self._position += take
+
+    def segment_digests(self) -> list[str]:
+        return [h.hexdigest() for h in self._parts]
+
+
+def _hash_prefix(fh, length: int, feed: Callable[[bytes], None]) -> None:  # type: ignore[no-untyped-def]
+    """Feed the first ``length`` bytes of ``fh`` to ``feed``, leaving ``fh`` after them."""
     left = length
     while left > 0:
         block = fh.read(min(BUFFER, left))
         if not block:
             break
-        digest.update(block)
+        feed(block)
         left -= len(block)
 

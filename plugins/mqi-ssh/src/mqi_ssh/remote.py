@@ -191,3 +191,29 @@ if [ "$2" = fast ] && command -v openssl >/dev/null 2>&1; then exec xargs -0 -r 
 command -v sha256sum >/dev/null 2>&1 || exit 127
 exec xargs -0 -r sha256sum --
 """
+
+#: SHA-256 of consecutive segments of a file that is still being written: for each
+#: (START, LENGTH) pair it waits until the file holds START+LENGTH bytes, then prints the
+#: segment's hash (one line each, in order). It gives up ("stalled", exit 3) when the
+#: file did not grow for STALL seconds.   $1 PATH  $2 STALL  $3.. START LENGTH ...
+SEGMENT_HASH = r"""
+p=$1; stall=$2; shift 2
+if command -v openssl >/dev/null 2>&1; then hasher="openssl dgst -sha256 -r"; else hasher="sha256sum"; fi
+last=-2; still=0
+while [ "$#" -ge 2 ]; do
+    start=$1; len=$2; shift 2
+    end=$((start + len))
+    while :; do
+        size=$(stat -c %s -- "$p" 2>/dev/null || echo -1)
+        [ "$size" -ge "$end" ] && break
+        if [ "$size" = "$last" ]; then
+            still=$((still + 1))
+            [ "$still" -gt "$((stall * 20))" ] && { echo stalled; exit 3; }
+        else
+            still=0; last=$size
+        fi
+        sleep 0.05
+    done
+    tail -c +"$((start + 1))" -- "$p" | head -c "$len" | $hasher
+done
+"""
