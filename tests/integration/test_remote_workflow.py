@@ -104,6 +104,35 @@ def test_server_down_during_upload_then_back(tmp_path, sshd_running, remote_root
     assert samples.outputs_missing(ws.folder, case) == []
 
 
+def test_server_stopped_in_the_middle_of_an_upload_then_resumed(tmp_path, sshd_running, remote_root, host_factory):
+    ws = Workspace(tmp_path / "ws", remote_config(sshd_running, remote_root))
+    ws.config["broker"]["max_attempts"] = 20
+    ws.rewrite(ws.config)
+    # the delivery logs are staged for upload: 160 MB make an upload that takes a while
+    samples.generate_case(ws.inbox, "BIG", seed=10, treatment_beams=1, log_bytes=160_000_000)
+    host_factory(workspace=ws)
+    cases = remote_root / "cases"
+
+    def part_growing() -> bool:
+        return any(p.stat().st_size > 5_000_000 for p in cases.rglob("*.part")) if cases.exists() else False
+
+    assert wait_until(part_growing, 120, 0.01), ws.logs()
+    sshd_running.stop()
+    try:
+        assert wait_until(lambda: "resumes on the next attempt" in (ws.folder / "logs" / "transfer.log").read_text(),
+                          30), ws.logs()
+        parts = {p: p.stat().st_size for p in cases.rglob("*.part")}
+        assert parts and all(size > 0 for size in parts.values())
+    finally:
+        sshd_running.start()
+    case = wait_final(ws, 1, timeout=180)["BIG"]
+    assert case["state"] == "done", (case, ws.logs())
+    assert samples.outputs_missing(ws.folder, case) == []
+    assert not list(cases.rglob("*.part"))
+    upload = ws.query("SELECT message FROM steps WHERE name = 'upload'")[0][0]
+    assert "file(s)" in upload
+
+
 def test_connection_dropped_and_worker_killed_while_beams_run_reattach(tmp_path, sshd_running, remote_root,
                                                                        host_factory):
     ws = Workspace(tmp_path / "ws", remote_config(sshd_running, remote_root, seconds="4"))
