@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from mqi_ssh import connection
@@ -158,3 +159,19 @@ def test_a_command_cut_off_by_a_dropped_connection_fails_fast(sshd_running):
             conn.run("sleep 20", timeout=60)
         assert time.monotonic() - started < 10
         assert conn.run("echo back").stdout == "back\n"
+
+
+def test_through_a_jump_host(sshd_running, tmp_path):
+    """The server is its own bastion here: a connection to it, then direct-tcpip to it."""
+    known = tmp_path / "known_hosts"  # its own pool entry
+    known.write_text(sshd_running.known_hosts.read_text())
+    jump = {"hostname": sshd_running.host, "port": sshd_running.port, "user": sshd_running.user,
+            "key_file": str(sshd_running.user_key), "known_hosts": str(sshd_running.known_hosts)}
+    with connect(sshd_running.host_settings(known_hosts=str(known), jump_host=jump)) as conn:
+        assert conn.run("echo via jump").stdout == "via jump\n"
+        assert isinstance(conn.transport().sock, paramiko.Channel)  # tunnelled, not a socket of its own
+    bad_jump = dict(jump, known_hosts=str(tmp_path / "empty"))
+    (tmp_path / "empty").write_text("")
+    with connect(sshd_running.host_settings(known_hosts=str(known), jump_host=bad_jump)) as conn:
+        with pytest.raises(HostKeyError, match="unknown"):  # the jump host's key is checked too
+            conn.run("true")

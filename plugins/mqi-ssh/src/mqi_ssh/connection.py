@@ -192,6 +192,8 @@ class _Shared:
         try:
             return self.jump.transport().open_channel("direct-tcpip", (s.hostname, s.port), ("127.0.0.1", 0),
                                                       timeout=s.connect_timeout_seconds)
+        except SshError:  # the jump host itself refused us (host key, authentication): say so as it is
+            raise
         except paramiko.ChannelException as exc:
             raise SshUnreachable(f"the jump host {jump.hostname} cannot reach {s.label()}: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
