@@ -186,7 +186,8 @@ class _Shared:
         if self.jump is None:
             self.jump = connect(SshHostSettings(
                 hostname=jump.hostname, port=jump.port, user=jump.user, key_file=jump.key_file,
-                key_passphrase=jump.key_passphrase, password=jump.password, known_hosts=jump.known_hosts,
+                key_passphrase=jump.key_passphrase, password=jump.password, allow_agent=jump.allow_agent,
+                known_hosts=jump.known_hosts,
                 connect_timeout_seconds=s.connect_timeout_seconds, keepalive_seconds=s.keepalive_seconds,
                 max_new_connections_per_minute=s.max_new_connections_per_minute, ciphers=list(s.ciphers)))
         try:

@@ -31,6 +31,7 @@ class JumpHostSettings:
     key_file: Optional[str] = None  # private key; default: ~/.ssh/id_ed25519, id_ecdsa, id_rsa
     key_passphrase: Optional[str] = attrs.field(default=None, repr=False)  # write ${ENV_VAR}
     password: Optional[str] = attrs.field(default=None, repr=False)  # write ${ENV_VAR}; a key is better
+    allow_agent: bool = False  # also offer keys of a running ssh-agent
     known_hosts: str = "~/.ssh/known_hosts"  # the jump host's key must be in it
 
 
