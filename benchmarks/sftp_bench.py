@@ -358,14 +358,14 @@ def commands(bench: Bench, count: int, repeat: int) -> list[tuple[str, float, Op
         start = time.perf_counter()
         first = conn.run("true")  # connects
         connect_s = time.perf_counter() - start
-        if first.exit_status != 0:
-            raise RuntimeError(f"`true` on the shared connection exited with {first.exit_status}: {first.stderr}")
+        if first.returncode != 0:
+            raise RuntimeError(f"`true` on the shared connection exited with {first.returncode}: {first.stderr}")
 
         def ours() -> None:
             for _ in range(count):
                 result = conn.run("true")
-                if result.exit_status != 0:
-                    raise RuntimeError(f"`true` exited with {result.exit_status}: {result.stderr}")
+                if result.returncode != 0:
+                    raise RuntimeError(f"`true` exited with {result.returncode}: {result.stderr}")
 
         argv = bench.ssh_args("ssh") + [bench.target, "true"]
 

@@ -34,9 +34,10 @@ def walk_tree(root: Path) -> list[TreeFile]:
     """Every regular file under ``root``, sorted by relative path. Symlinks (to files or
     folders) are skipped with a warning, never followed; ``*.part`` files and the
     top-level manifest are left out."""
+    root = Path(root)
     out: list[TreeFile] = []
     links = parts = 0
-    stack = [Path(root)]
+    stack = [root]
     while stack:
         folder = stack.pop()
         with os.scandir(folder) as entries:
@@ -50,7 +51,7 @@ def walk_tree(root: Path) -> list[TreeFile]:
                     if entry.name.endswith(PART_SUFFIX):
                         parts += 1
                         continue
-                    if entry.name == MANIFEST and folder == Path(root):
+                    if entry.name == MANIFEST and folder == root:
                         continue
                     path = Path(entry.path)
                     out.append(TreeFile(path.relative_to(root).as_posix(), path,
@@ -64,11 +65,17 @@ def walk_tree(root: Path) -> list[TreeFile]:
     return out
 
 
+def manifest_text(manifest: dict[str, dict]) -> str:
+    """The manifest's file content (relative path → sha256, size), the same for every
+    transfer plugin: ASCII JSON, so undecodable names survive."""
+    return json.dumps(manifest, indent=1, sort_keys=True)
+
+
 def write_manifest(dst: Path, manifest: dict[str, dict]) -> None:
-    """Write ``dst/.mqi-manifest.json`` (relative path → sha256, size) atomically and
-    durably: the last file of a transferred tree."""
+    """Write ``dst/.mqi-manifest.json`` atomically and durably: the last file of a
+    transferred tree. An identical manifest already there is left alone."""
     final = Path(dst) / MANIFEST
-    text = json.dumps(manifest, indent=1, sort_keys=True)  # ASCII: undecodable names survive
+    text = manifest_text(manifest)
     try:
         if not final.is_symlink() and final.read_text(encoding="utf-8") == text:
             return  # a re-run of a finished transfer writes nothing

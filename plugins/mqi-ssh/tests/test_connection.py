@@ -12,6 +12,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from mqi_framework.commands import CommandResult
 from mqi_ssh import connection
 from mqi_ssh.connection import AuthError, HostKeyError, SshUnreachable, connect
 
@@ -19,8 +20,8 @@ from mqi_ssh.connection import AuthError, HostKeyError, SshUnreachable, connect
 def test_command_exit_status_stdout_stderr_and_stdin(sshd_running):
     with connect(sshd_running.host_settings()) as conn:
         result = conn.run("echo out; echo err >&2; exit 3")
-        assert (result.exit_status, result.stdout, result.stderr) == (3, "out\n", "err\n")
-        assert result.returncode == 3  # the name mqi-gpu and mqi-slurm read
+        assert (result.returncode, result.stdout, result.stderr) == (3, "out\n", "err\n")
+        assert result == CommandResult(3, "out\n", "err\n")  # the framework's result type, as mqi-gpu/-slurm read it
         assert conn.run("cat", stdin=b"a\x00b").stdout == "a\x00b"
 
 
@@ -32,7 +33,7 @@ def test_handles_to_one_host_share_one_connection_with_nodelay(sshd_running):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         assert first.transport().remote_cipher == "aes128-gcm@openssh.com"
         first.close()
-        assert second.run("true").exit_status == 0  # the last handle keeps it open
+        assert second.run("true").returncode == 0  # the last handle keeps it open
     finally:
         second.close()
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import posixpath
@@ -39,9 +38,9 @@ import paramiko
 from mqi_framework.hashing import VerificationError, fsync_dir, part_path, sha256_file
 from mqi_framework.protocols import PluginContext, ProgressCallback, Transfer, TransferProgress, TransferResult
 from mqi_framework.safepath import PathEscapeError, is_within
-from mqi_framework.tree import MANIFEST, PART_SUFFIX, TreeFile, walk_tree, write_manifest
+from mqi_framework.tree import MANIFEST, PART_SUFFIX, TreeFile, manifest_text, walk_tree, write_manifest
 from mqi_ssh import remote, remotepath
-from mqi_ssh.connection import SshConnection, SshError, SshUnreachable, connect, fingerprint, sftp_limits
+from mqi_ssh.connection import SshConnection, SshError, SshUnreachable, connect, sftp_limits
 from mqi_ssh.settings import SshHostSettings
 
 log = logging.getLogger(__name__)
@@ -157,9 +156,7 @@ class SftpTransfer(Transfer):
         if bad_root:
             return [f"hosts.{self.host_name}: {bad_root}"]
         try:
-            key = self.conn.host_key()
-            self._info.append(f"host {self.host_name} ({self.host.label()}): host key {key.get_name()} "
-                              f"{fingerprint(key)} is known")
+            self._info.append(self.conn.known_key_line(self.host_name))
             with self.conn.sftp() as sftp:
                 if self.host.root is not None:
                     try:
@@ -167,11 +164,11 @@ class SftpTransfer(Transfer):
                             return [f"hosts.{self.host_name}: root {self.host.root} is not a folder"]
                     except OSError:
                         return [f"hosts.{self.host_name}: root {self.host.root} does not exist on the host"]
-                limits = sftp_limits(sftp)
-            self._info.append(f"host {self.host_name}: SFTP requests up to {min(limits[1], MAX_REQUEST) if limits else DEFAULT_REQUEST} bytes")
+                _, write_size = self._sizes(sftp)
+            self._info.append(f"host {self.host_name}: SFTP requests up to {write_size} bytes")
             if self.settings.remote_hash == "host":
                 probe = self.conn.run("command -v openssl || command -v sha256sum")
-                if probe.exit_status != 0:
+                if probe.returncode != 0:
                     return [f"hosts.{self.host_name}: neither openssl nor sha256sum is on the host's PATH; "
                             f"install coreutils or set remote_hash: readback"]
         except (SshError, TimeoutError) as exc:
@@ -271,11 +268,11 @@ class SftpTransfer(Transfer):
         # "./" in front: a name that starts with "-" is never read as an option
         names = b"\0".join(("./" + r).encode("utf-8", "surrogateescape") for r in batch)
         result = self.conn.run(line, timeout=120 + total_bytes / 50e6, stdin=names)
-        if result.exit_status == 127:
+        if result.returncode == 127:
             return None
         lines = result.stdout.splitlines()
-        if result.exit_status != 0 or len(lines) != len(batch):
-            raise VerificationError(f"hashing on {self.host_name} failed (exit {result.exit_status}, "
+        if result.returncode != 0 or len(lines) != len(batch):
+            raise VerificationError(f"hashing on {self.host_name} failed (exit {result.returncode}, "
                                     f"{len(lines)} of {len(batch)} lines): {result.stderr.strip()[:300]}")
         out = {}
         for rel, text in zip(batch, lines):
@@ -287,15 +284,9 @@ class SftpTransfer(Transfer):
         out: dict[str, str] = {}
         with self.conn.sftp() as sftp:
             for rel in rels:
-                digest = hashlib.sha256()
                 with sftp.open(posixpath.join(base, rel), "rb") as fh:
                     fh.prefetch()
-                    while True:
-                        block = fh.read(BUFFER)
-                        if not block:
-                            break
-                        digest.update(block)
-                out[rel] = digest.hexdigest()
+                    out[rel] = hashlib.file_digest(fh, "sha256").hexdigest()
         return out
 
     def _parallel(self, items: list, work: Callable[[paramiko.SFTPClient, object], None], counter: _Counter,
@@ -463,8 +454,8 @@ class SftpTransfer(Transfer):
         result = self.conn.run(remote.script_call(remote.SEGMENT_HASH, "mqi-segments", *args),
                                timeout=SEGMENT_STALL_SECONDS * 2 + size / 20e6)
         lines = result.stdout.splitlines()
-        if result.exit_status != 0 or len(lines) != len(segments):
-            raise RuntimeError(f"exit {result.exit_status}, {len(lines)} of {len(segments)} segments: "
+        if result.returncode != 0 or len(lines) != len(segments):
+            raise RuntimeError(f"exit {result.returncode}, {len(lines)} of {len(segments)} segments: "
                                f"{(result.stderr or result.stdout).strip()[:200]}")
         return [line[:64].lower() for line in lines]
 
@@ -499,7 +490,7 @@ class SftpTransfer(Transfer):
         self._parallel(todo, rename, counter, report)  # type: ignore[arg-type]
 
     def _write_remote_manifest(self, dst: str, manifest: dict[str, dict]) -> None:
-        data = json.dumps(manifest, indent=1, sort_keys=True).encode("ascii")
+        data = manifest_text(manifest).encode("ascii")
         final = posixpath.join(dst, MANIFEST)
         with self.conn.sftp() as sftp:
             try:
@@ -542,9 +533,10 @@ class SftpTransfer(Transfer):
                         progress: ProgressCallback) -> TransferResult:
         counter = _Counter()
         report = counter.reporter(progress, len(files), total)
+        targets = {entry.rel: self._local_target(dst, entry.rel) for entry in files}
         present = set()
         for entry in files:
-            target = self._local_target(dst, entry.rel)
+            target = targets[entry.rel]
             try:
                 if target.is_file() and not target.is_symlink() and target.stat().st_size == entry.size:
                     present.add(entry.rel)
@@ -554,7 +546,7 @@ class SftpTransfer(Transfer):
         if present:  # files already here: equal SHA-256 means skip (a re-run, a resume)
             hashes = pending_hashes.result()
             for entry in files:
-                target = self._local_target(dst, entry.rel)
+                target = targets[entry.rel]
                 if entry.rel in present and sha256_file(target) == hashes[entry.rel]:
                     part_path(target).unlink(missing_ok=True)
                     counter.add(entry.size, 1)
@@ -572,7 +564,7 @@ class SftpTransfer(Transfer):
 
         def fetch(sftp: paramiko.SFTPClient, item: object) -> None:
             assert isinstance(item, _RemoteEntry)
-            target = self._local_target(dst, item.rel)
+            target = targets[item.rel]
             target.parent.mkdir(parents=True, exist_ok=True)
             digests[item.rel] = self._fetch(sftp, posixpath.join(src, item.rel), item, target, counter, sync_each)
 
@@ -586,7 +578,7 @@ class SftpTransfer(Transfer):
                         self.host_name, len(bad))
             with self.conn.sftp() as sftp:
                 for entry in bad:
-                    target = self._local_target(dst, entry.rel)
+                    target = targets[entry.rel]
                     part_path(target).unlink(missing_ok=True)
                     counter.add(-entry.size)
                     if self._fetch(sftp, posixpath.join(src, entry.rel), entry, target, counter) != hashes[entry.rel]:
@@ -594,10 +586,9 @@ class SftpTransfer(Transfer):
                         raise VerificationError(f"{entry.rel}: SHA-256 of the download does not match the source "
                                                 f"after a second try")
         for entry in todo:
-            target = self._local_target(dst, entry.rel)
-            os.replace(part_path(target), target)
+            os.replace(part_path(targets[entry.rel]), targets[entry.rel])
             counter.add(files=1)
-        for folder in {self._local_target(dst, e.rel).parent for e in todo} | {dst}:
+        for folder in {targets[e.rel].parent for e in todo} | {dst}:
             fsync_dir(folder)
         write_manifest(dst, {f.rel: {"sha256": hashes[f.rel], "size": f.size} for f in files})
         report()

@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
-import attrs
 import paramiko
 
+from mqi_framework.commands import CommandResult
 from mqi_ssh.settings import JumpHostSettings, SshHostSettings
 
 log = logging.getLogger(__name__)
@@ -59,19 +59,6 @@ class HostKeyError(SshError):
 
 class AuthError(SshError):
     """The server refused every credential offered."""
-
-
-@attrs.frozen
-class CommandResult:
-    """Outcome of one remote command. ``exit_status`` is None when the server sent none."""
-
-    exit_status: Optional[int]
-    stdout: str
-    stderr: str
-
-    @property
-    def returncode(self) -> Optional[int]:
-        return self.exit_status
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -364,6 +351,12 @@ class SshConnection:
         assert self._shared.host_key is not None
         return self._shared.host_key
 
+    def known_key_line(self, name: str) -> str:
+        """``host NAME (user@host:port): host key TYPE SHA256:... is known`` — what
+        ``mqi-host check`` prints for a host it reached (connects if needed)."""
+        key = self.host_key()
+        return f"host {name} ({self.label}): host key {key.get_name()} {fingerprint(key)} is known"
+
     def drop(self) -> None:
         """Close the shared transport after an error; the next use connects again."""
         with self._shared.lock:
@@ -392,7 +385,8 @@ class SshConnection:
 
         Raises :class:`TimeoutError` after ``timeout`` seconds (default
         ``command_timeout_seconds``) and :class:`SshError` when the connection fails; a
-        failing command is not an error (see ``exit_status``).
+        failing command is not an error (see ``returncode``: None when the server sent no exit
+        status, e.g. for a command killed by a signal).
         """
         limit = self.settings.command_timeout_seconds if timeout is None else timeout
         with self.channel_slot():

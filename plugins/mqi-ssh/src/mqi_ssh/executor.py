@@ -27,7 +27,7 @@ import attrs
 from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PermanentError, PluginContext
 from mqi_framework.safepath import PathEscapeError, safe_component
 from mqi_ssh import remote, remotepath
-from mqi_ssh.connection import SshConnection, SshError, connect, fingerprint
+from mqi_ssh.connection import SshConnection, SshError, connect
 from mqi_ssh.settings import SshHostSettings
 
 log = logging.getLogger(__name__)
@@ -134,15 +134,13 @@ class SshExecutor(Executor):
                 continue
             conn = self._conn(name)
             try:
-                key = conn.host_key()
-                self._info.append(f"host {name} ({host.label()}): host key {key.get_name()} {fingerprint(key)} "
-                                  f"is known")
+                self._info.append(conn.known_key_line(name))
                 probe = conn.run(remote.script_call(
                     'command -v setsid >/dev/null || { echo "setsid (util-linux) is missing"; exit 1; }\n'
                     'if [ -n "$2" ] && [ ! -d "$2" ]; then echo "root $2 does not exist"; exit 1; fi\n'
                     'mkdir -p -- "$1" 2>&1 || exit 1\n[ -w "$1" ] || { echo "not writable"; exit 1; }',
                     "mqi-check", jobs, host.root or ""))
-                if probe.exit_status != 0:
+                if probe.returncode != 0:
                     problems.append(f"hosts.{name}: {(probe.stdout + probe.stderr).strip()} (jobs folder {jobs})")
             except (SshError, TimeoutError) as exc:
                 problems.append(f"hosts.{name}: {exc}")
@@ -167,8 +165,8 @@ class SshExecutor(Executor):
         line = remote.launch(jobs, job_dir, workdir, spec.timeout, self.settings.kill_grace_seconds, command)
         result = self._conn(host).run(line, timeout=60)
         said = result.stdout.strip().splitlines()
-        if result.exit_status != 0 or not said or said[-1] not in ("started", "attached"):
-            raise RuntimeError(f"starting job {spec.job_key} on {host} failed (exit {result.exit_status}): "
+        if result.returncode != 0 or not said or said[-1] not in ("started", "attached"):
+            raise RuntimeError(f"starting job {spec.job_key} on {host} failed (exit {result.returncode}): "
                                f"{(result.stderr or result.stdout).strip()[:300]}")
         if said[-1] == "attached":
             log.info("job %s was started on %s before: re-attaching", spec.job_key, host)
@@ -224,9 +222,9 @@ class SshExecutor(Executor):
         result = self._conn(host).run(remote.script_call(remote.STATUS, "mqi-status", *dirs), timeout=30)
         self._unreachable_since.pop(host, None)
         lines = result.stdout.strip().splitlines()
-        if result.exit_status != 0 or len(lines) != len(dirs):
+        if result.returncode != 0 or len(lines) != len(dirs):
             raise RuntimeError(f"reading the status of {len(dirs)} job(s) on {host} failed "
-                               f"(exit {result.exit_status}, {len(lines)} lines): {result.stderr.strip()[:300]}")
+                               f"(exit {result.returncode}, {len(lines)} lines): {result.stderr.strip()[:300]}")
         answers = {d: line.split() for d, line in zip(dirs, lines)}
         self._status_cache[host] = (now, answers)
         self._kill_abandoned(host)
@@ -262,8 +260,8 @@ class SshExecutor(Executor):
         grace = self.settings.kill_grace_seconds
         self._forget_status(host)
         result = self._conn(host).run(remote.script_call(remote.KILL, "mqi-kill", job_dir, grace), timeout=grace + 30)
-        if result.exit_status != 0:
-            raise RuntimeError(f"killing job {handle.job_key} on {host} failed (exit {result.exit_status}): "
+        if result.returncode != 0:
+            raise RuntimeError(f"killing job {handle.job_key} on {host} failed (exit {result.returncode}): "
                                f"{result.stderr.strip()[:300]}")
         log.info("job %s on %s: %s", handle.job_key, host, result.stdout.strip() or "kill sent")
 

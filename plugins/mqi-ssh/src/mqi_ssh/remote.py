@@ -17,6 +17,9 @@ jobs folder). Files there:
 ``timed_out``    the command ran past its timeout and its group was killed (exit 124)
 ``killed``       a kill was requested (cancel)
 
+A missing working directory ends the job with exit code 126, a timeout with 124 (as
+:mod:`mqi_framework.jobrunner` does locally).
+
 Creating ``JOB_DIR`` (``mkdir``, atomic) is the claim: a second start of the same job key
 finds the folder and re-attaches instead of running the command again.
 """
@@ -25,9 +28,6 @@ from __future__ import annotations
 
 import shlex
 from typing import Mapping, Optional
-
-TIMEOUT_EXIT_CODE = 124
-WORKDIR_MISSING_EXIT_CODE = 126
 
 #: field 22 (start time) of /proc/PID/stat; the command name may contain spaces, so cut
 #: after the last ") "
@@ -155,9 +155,6 @@ while [ ! -f "$d/exit_code" ] && [ "$(start_of "$spid")" = "$sstart" ] && [ "$i"
 done
 echo killed
 """
-
-#: the last N bytes of the job's log.  $1 JOB_DIR  $2 N
-TAIL = r"""tail -c "$2" -- "$1/output.log" 2>/dev/null; exit 0"""
 
 
 def script_call(script: str, name: str, *args: object) -> str:
