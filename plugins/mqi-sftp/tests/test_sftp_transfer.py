@@ -236,6 +236,9 @@ def test_readback_mode_empty_tree_and_missing_source(make_transfer, tmp_path, re
     assert (remote_root / "e" / MANIFEST).exists() and seen
     with pytest.raises(FileNotFoundError, match="does not exist"):
         transfer.download(str(remote_root / "nothing"), tmp_path / "x", lambda p: None)
+    (remote_root / "a-file").write_text("not a folder")
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        transfer.download(str(remote_root / "a-file"), tmp_path / "x", lambda p: None)
     with pytest.raises(FileNotFoundError):
         transfer.upload(tmp_path / "nothing", str(remote_root / "x"), lambda p: None)
 

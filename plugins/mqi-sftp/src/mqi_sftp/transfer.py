@@ -512,10 +512,11 @@ class SftpTransfer(Transfer):
         with self.conn.sftp() as sftp:
             self._sizes(sftp)
             try:
-                if not stat.S_ISDIR(sftp.stat(src).st_mode or 0):
-                    raise FileNotFoundError(f"transfer source {self.host_name}:{src} is not a folder")
+                mode = sftp.stat(src).st_mode or 0
             except FileNotFoundError:
                 raise FileNotFoundError(f"transfer source folder {self.host_name}:{src} does not exist") from None
+            if not stat.S_ISDIR(mode):
+                raise FileNotFoundError(f"transfer source {self.host_name}:{src} is not a folder")
             remote_files, _, _ = self._remote_walk(sftp, src)
         files = [remote_files[k] for k in sorted(remote_files)]
         total = sum(f.size for f in files)
