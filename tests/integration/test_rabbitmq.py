@@ -84,16 +84,22 @@ class RabbitWorkspace(Workspace):
     def physical(self, queue: str) -> str:
         return self.prefix + queue
 
-    def counts(self, queue: str) -> tuple[int, int]:
-        """(ready messages, consumers) of a queue, straight from RabbitMQ."""
+    def counts(self, queue: str, missing_ok: bool = False) -> tuple[int, int]:
+        """(ready messages, consumers) of a queue, straight from RabbitMQ; with
+        ``missing_ok`` a queue nobody declared yet counts as (0, 0)."""
         import pika
 
         conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         try:
             ok = conn.channel().queue_declare(self.physical(queue), passive=True).method
             return ok.message_count, ok.consumer_count
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if missing_ok and exc.reply_code == 404:
+                return 0, 0
+            raise
         finally:
-            conn.close()
+            if conn.is_open:
+                conn.close()
 
 
 def make_workspace(folder, overrides: Optional[dict] = None) -> RabbitWorkspace:
@@ -211,7 +217,8 @@ def test_consumer_killed_holding_an_unacked_message_gets_it_redelivered(rws, hos
     for _ in range(40):
         os.kill(pid, signal.SIGSTOP)
         time.sleep(0.3)
-        if rws.counts(command_queue("transfer"))[1] == 1:
+        # the worker may report "running" before it declared its queue: no queue, no consumer yet
+        if rws.counts(command_queue("transfer"), missing_ok=True)[1] == 1:
             break
         os.kill(pid, signal.SIGCONT)
         time.sleep(0.05 + 0.1 * (_ % 3))
