@@ -16,19 +16,8 @@ import attrs
 
 from mqi_framework import configload
 from mqi_framework.configload import ConfigError, ConfigProblem
+from mqi_framework.kinds import KINDS, kind_of
 
-#: worker name -> kind, used when a worker section does not say ``kind:``
-DEFAULT_KIND_BY_NAME = {
-    "scan": "scanner",
-    "prepare": "interpreter",
-    "transfer": "transfer",
-    "execute": "executor",
-    "postprocess": "executor",
-    "curate": "curator",
-    "archive": "archiver",
-    "dashboard": "service",
-}
-WORKER_KINDS = ("scanner", "interpreter", "transfer", "executor", "curator", "archiver", "service")
 RESERVED_WORKER_NAMES = ("conductor", "host")
 WORKER_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
@@ -95,7 +84,7 @@ class WorkerConfig:
     """A worker process: which plugin it runs and that plugin's own settings."""
 
     plugin: str
-    kind: Optional[str] = None  # scanner|interpreter|transfer|executor|curator|archiver|service
+    kind: Optional[str] = None  # one of mqi_framework.kinds.KINDS; default from the worker's name
     settings: dict[str, Any] = attrs.field(factory=dict)
     enabled: bool = True
     interval_seconds: float = 1.0  # how often scanners, curators and job pollers look
@@ -120,7 +109,6 @@ class CaseRules:
 
     incomplete_recheck_seconds: float = 30.0
     incomplete_flag_after_seconds: float = 3600.0
-    log_case_names: bool = False  # folder names may be patient ids: keep them out of logs
 
 
 @attrs.frozen
@@ -191,11 +179,13 @@ class LoadedConfig:
         return url
 
     def worker_kind(self, name: str) -> str:
-        worker = self.config.workers[name]
-        return worker.kind or DEFAULT_KIND_BY_NAME[name]
+        kind = kind_of(name, self.config.workers[name].kind)
+        assert kind is not None, "semantic_problems() refuses a worker without a kind"
+        return kind
 
-    def workers_of_kind(self, kind: str) -> list[str]:
-        return [n for n, w in self.config.workers.items() if w.enabled and self.worker_kind(n) == kind]
+    def consuming_workers(self) -> list[str]:
+        """The enabled workers that take commands from a queue (their queues exist)."""
+        return [n for n, w in self.config.workers.items() if w.enabled and KINDS[self.worker_kind(n)].consumes]
 
     def interpreter_worker(self) -> str:
         for step in self.config.workflow.steps:
@@ -239,11 +229,11 @@ def semantic_problems(loaded: LoadedConfig) -> list[ConfigProblem]:
         if not WORKER_NAME_RE.match(name) or name in RESERVED_WORKER_NAMES:
             out.append(loaded.problem(key, f"worker name {name!r} must match {WORKER_NAME_RE.pattern} and not be "
                                            f"one of {', '.join(RESERVED_WORKER_NAMES)}"))
-        kind = worker.kind or DEFAULT_KIND_BY_NAME.get(name)
+        kind = kind_of(name, worker.kind)
         if kind is None:
-            out.append(loaded.problem(key, f"say which kind of worker this is: kind: one of {', '.join(WORKER_KINDS)}"))
-        elif kind not in WORKER_KINDS:
-            out.append(loaded.problem(f"{key}.kind", f"expected one of {', '.join(WORKER_KINDS)}, got {kind!r}"))
+            out.append(loaded.problem(key, f"say which kind of worker this is: kind: one of {', '.join(KINDS)}"))
+        elif kind not in KINDS:
+            out.append(loaded.problem(f"{key}.kind", f"expected one of {', '.join(KINDS)}, got {kind!r}"))
     steps = cfg.workflow.steps
     if not steps:
         out.append(loaded.problem("workflow.steps", "the workflow needs at least one step"))
@@ -262,7 +252,7 @@ def semantic_problems(loaded: LoadedConfig) -> list[ConfigProblem]:
             continue
         if not worker.enabled:
             out.append(loaded.problem(f"{key}.worker", f"worker {step.worker!r} is disabled but step {step.name!r} needs it"))
-        kind = worker.kind or DEFAULT_KIND_BY_NAME.get(step.worker)
+        kind = kind_of(step.worker, worker.kind)
         if kind == "interpreter":
             if i != 0:
                 out.append(loaded.problem(key, "the interpreter step (which finds the beams) must be the first step"))
@@ -275,7 +265,7 @@ def semantic_problems(loaded: LoadedConfig) -> list[ConfigProblem]:
         elif kind == "executor":
             if not step.command:
                 out.append(loaded.problem(key, "an executor step needs a command template"))
-        elif kind is not None:
+        elif kind is not None and not (kind in KINDS and KINDS[kind].runs_steps):
             out.append(loaded.problem(f"{key}.worker", f"a {kind} worker cannot run a workflow step"))
         if step.per_beam and not interpreter_seen:
             out.append(loaded.problem(f"{key}.per_beam", "per-beam steps need an interpreter step before them"))
@@ -307,4 +297,4 @@ def semantic_problems(loaded: LoadedConfig) -> list[ConfigProblem]:
 
 
 def loaded_has_kind(cfg: MqiConfig, kind: str) -> bool:
-    return any(w.enabled and (w.kind or DEFAULT_KIND_BY_NAME.get(n)) == kind for n, w in cfg.workers.items())
+    return any(w.enabled and kind_of(n, w.kind) == kind for n, w in cfg.workers.items())

@@ -22,26 +22,16 @@ import logging
 import os
 import sys
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import attrs
 import pluggy
 
 from mqi_framework import ENTRY_POINT_GROUP, PROJECT_NAME, hookspecs
 from mqi_framework import protocols as p
+from mqi_framework.kinds import KINDS
 
 log = logging.getLogger(__name__)
-
-#: registry kind -> (hook name, base class)
-KINDS: dict[str, tuple[str, type]] = {
-    "scanner": ("mqi_register_scanners", p.Scanner),
-    "transfer": ("mqi_register_transfers", p.Transfer),
-    "executor": ("mqi_register_executors", p.Executor),
-    "curator": ("mqi_register_curators", p.Curator),
-    "archiver": ("mqi_register_archivers", p.Archiver),
-    "interpreter": ("mqi_register_interpreters", p.Interpreter),
-    "service": ("mqi_register_services", p.Service),
-}
 
 BUILTIN_DISTRIBUTION = "mqi-host"
 
@@ -138,7 +128,11 @@ class PluginHost:
                     ) from exc
 
     def register(self, plugin: Any, name: Optional[str] = None) -> str:
-        """Register a plugin object (module or instance) directly, e.g. in tests."""
+        """Register a plugin object (module, class or instance) directly, e.g. in tests."""
+        try:
+            hash(plugin)
+        except TypeError:  # pluggy's per-plugin calls (call_one) keep plugins in a set
+            raise PluginError(f"a plugin must be a module, a class or a hashable object, got {plugin!r}") from None
         registered_name = self.pm.register(plugin, name=name)
         assert registered_name is not None
         self.records[registered_name] = PluginRecord(
@@ -175,18 +169,17 @@ class PluginHost:
             return self._registry
         registry: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
         self.registry_errors = []
-        for kind, (hook_name, base) in KINDS.items():
-            hook = getattr(self.pm.hook, hook_name)
-            for impl in hook.get_hookimpls():
+        for kind in KINDS.values():
+            for impl in getattr(self.pm.hook, kind.hook).get_hookimpls():
                 plugin_name = impl.plugin_name
 
-                def register(cls: type, _kind: str = kind, _base: type = base, _plugin: str = plugin_name) -> None:
+                def register(cls: type, _kind: str = kind.name, _base: type = kind.base, _plugin: str = plugin_name) -> None:
                     self._add(registry, _kind, _base, _plugin, cls)
 
                 try:
-                    impl.function(register=register)
+                    self.call_one(kind.hook, impl.plugin, register=register)
                 except Exception as exc:
-                    self.registry_errors.append(f"plugin {plugin_name!r}: {hook_name} raised {exc!r}")
+                    self.registry_errors.append(f"plugin {plugin_name!r}: {kind.hook} raised {exc!r}")
         self._registry = registry
         return registry
 
@@ -234,15 +227,27 @@ class PluginHost:
             f"`mqi-host --plugins` lists what is installed."
         )
 
-    def notify(self, hook_name: str, **kwargs: Any) -> None:
-        """Call every implementation of a notification hook on its own: one that raises is
-        logged and does not stop the others (pluggy would stop at the first exception)."""
-        hook = getattr(self.pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):
+    def call_one(self, hook_name: str, plugin: Any, **kwargs: Any) -> list:
+        """Call ``hook_name`` of one plugin only, through pluggy (so ``MQI_TRACE_HOOKS`` and
+        hook wrappers see the call); its exception is the caller's to isolate."""
+        impls = getattr(self.pm.hook, hook_name).get_hookimpls()
+        wrapping = {id(i.plugin) for i in impls if i.hookwrapper or getattr(i, "wrapper", False)}
+        others = [i.plugin for i in impls if i.plugin is not plugin and id(i.plugin) not in wrapping]
+        return self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
+
+    def call_each(self, hook_name: str, **kwargs: Any) -> None:
+        """Call every implementation of ``hook_name`` on its own, in pluggy's order (last
+        registered first): one that raises is logged and does not stop the others (a plain
+        pluggy call would stop at the first exception)."""
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
             try:
-                impl.function(**{name: kwargs[name] for name in impl.argnames})
+                self.call_one(hook_name, impl.plugin, **kwargs)
             except Exception:
                 log.exception("plugin %r failed in %s; ignored", impl.plugin_name, hook_name)
+
+    def notify(self, hook_name: str, **kwargs: Any) -> None:
+        """Deliver a notification hook to every plugin (see :meth:`call_each`)."""
+        self.call_each(hook_name, **kwargs)
 
     # ------------------------------------------------------------------ introspection
 
@@ -282,12 +287,6 @@ def get_plugin_host() -> PluginHost:
     return _default
 
 
-def set_plugin_host(host: Optional[PluginHost]) -> None:
-    """Replace the process-wide PluginHost (tests)."""
-    global _default
-    _default = host
-
-
 def build(
     kind: str, name: str, settings_data: Any, context: p.PluginContext, *, config_key: str,
     plugin_host: Optional[PluginHost] = None, lines: Optional[dict] = None, source: Optional[str] = None,
@@ -315,9 +314,3 @@ def build(
             settings_class, settings_data or {}, path=f"{config_key}.settings", lines=lines, source=source
         )
     return cls(settings, context)
-
-
-def describe(fn: Callable) -> str:
-    """First paragraph of a docstring (used by listings)."""
-    doc = (fn.__doc__ or "").strip()
-    return doc.split("\n\n")[0].replace("\n", " ")

@@ -170,7 +170,8 @@ def test_every_registration_hook_registers_its_kind(kind, mqi_pm, register_plugi
     def register_it(register):
         register(cls)
 
-    plugin = types.SimpleNamespace(**{hook_name: hookimpl(register_it)})
+    plugin = types.ModuleType(f"dummy_{kind}")
+    setattr(plugin, hook_name, hookimpl(register_it))
     register_plugin(plugin, name=f"dummy-{kind}")
     assert mqi_pm.lookup(kind, f"test.{kind}") is cls
     assert mqi_pm.registry_errors == []

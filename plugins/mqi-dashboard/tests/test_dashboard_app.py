@@ -427,8 +427,9 @@ def test_plugins_add_pages_through_mqi_register_dashboard_pages(make_app, mqi_pm
         register("/cases", "Clash", lambda: "no")  # an existing path is refused, not replaced
         register("no-slash", "Bad", lambda: "no")
 
-    register_plugin(types.SimpleNamespace(mqi_register_dashboard_pages=hookimpl(mqi_register_dashboard_pages)),
-                    name="site-pages")
+    pages = types.ModuleType("site_pages")
+    pages.mqi_register_dashboard_pages = hookimpl(mqi_register_dashboard_pages)
+    register_plugin(pages, name="site-pages")
     client = make_app(plugin_host=mqi_pm).test_client()
     page = client.get("/site/report")
     assert page.status_code == 200 and b"weekly QA report" in page.data and b"<h1>Site report</h1>" in page.data
