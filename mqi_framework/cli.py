@@ -46,12 +46,6 @@ def _load(args: argparse.Namespace):
     return load_config(_config_path(args))
 
 
-def _state(loaded, *, write: bool = False):
-    from mqi_framework.store import connect, open_state
-
-    return open_state(loaded.database_path) if write else connect(loaded.database_path, readonly=True)
-
-
 def _print_json(value: Any) -> None:
     json.dump(value, sys.stdout, indent=2, sort_keys=False, default=str)
     sys.stdout.write("\n")
@@ -112,7 +106,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from mqi_framework import plugins
-    from mqi_framework.worker import build_worker_plugin, make_broker
+    from mqi_framework.api import EVENTS_QUEUE, Host
+    from mqi_framework.worker import build_worker_plugin
 
     loaded = _load(args)
     print(f"config {loaded.path}: valid")
@@ -135,9 +130,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"workers.{name} ({worker.plugin}): {line}")
         impl.close()
     try:
-        broker = make_broker(loaded)
-        broker.depth("mqi.events")
-        broker.close()
+        with Host(loaded) as workspace_host:
+            workspace_host.broker().depth(EVENTS_QUEUE)
         print(f"broker {loaded.broker_url.split('@')[-1]}: reachable")
     except Exception as exc:
         problems.append(f"broker: {exc}")
@@ -168,18 +162,19 @@ def _check_plugins_for(loaded) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mqi_framework.host import ProcessHost, WorkspaceBusy
+    from mqi_framework.api import Host, WorkspaceBusy
 
     loaded = _load(args)
     _check_plugins_for(loaded)
     _setup_logging(loaded.config.logging.level, args.debug)
-    host = ProcessHost(loaded)
+
+    def started(log_dir: Path) -> None:
+        print(f"mqi-host running: workspace {loaded.workspace}; logs in {log_dir}; Ctrl-C stops", file=sys.stderr)
+
     try:
-        host.lock()
+        return Host(loaded, actor="host").run_supervised(on_start=started)
     except WorkspaceBusy as exc:
         raise UsageError(str(exc)) from None
-    print(f"mqi-host running: workspace {loaded.workspace}; logs in {host.log_dir}; Ctrl-C stops", file=sys.stderr)
-    return host.run_forever()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -190,12 +185,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return WorkerRuntime(loaded, args.name).run()
 
 
-def cmd_cases(args: argparse.Namespace) -> int:
-    from mqi_framework.store import records
+def _host(args: argparse.Namespace):
+    from mqi_framework.api import Host
 
-    loaded = _load(args)
-    conn = _state(loaded)
-    cases = records.list_cases(conn, state=args.state, show_names=args.names)
+    return Host(_load(args), actor=_actor())
+
+
+def cmd_cases(args: argparse.Namespace) -> int:
+    with _host(args) as host:
+        cases = host.cases(state=args.state, show_names=args.names)
     if args.json:
         _print_json(cases)
         return EXIT_OK
@@ -211,23 +209,16 @@ def cmd_cases(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _find(conn, ident: str):
-    from mqi_framework.store import records
-
-    row = records.find_case(conn, ident)
-    if row is None:
-        raise UsageError(f"no case {ident!r} (see `mqi-host cases`)")
-    return row
-
-
 def cmd_case(args: argparse.Namespace) -> int:
-    from mqi_framework.store import records
+    from mqi_framework.api import CaseNotFound
 
-    loaded = _load(args)
     if args.wait is not None:
-        return _wait_for_case(loaded, args)
-    conn = _state(loaded)
-    detail = records.case_detail(conn, _find(conn, args.id), show_names=args.names)
+        return _wait_for_case(args)
+    with _host(args) as host:
+        try:
+            detail = host.case(args.id, show_names=args.names, by_name=True, events_limit=None)
+        except CaseNotFound as exc:
+            raise UsageError(str(exc)) from None
     if args.json:
         _print_json(detail)
         return EXIT_OK
@@ -246,34 +237,36 @@ def cmd_case(args: argparse.Namespace) -> int:
               f"{'  ' + step['message'] if step['message'] else ''}")
     if args.events:
         print("  events:")
-        for event in detail["events"]:
+        for event in reversed(detail["events"]):  # oldest first, as a log reads
             print(f"    {_when(event['at'])} {event['kind']}{' beam ' + str(event['beam']) if event['beam'] else ''}"
                   f" {event['message']} ({event['actor']})")
     return EXIT_OK
 
 
-def _wait_for_case(loaded, args: argparse.Namespace) -> int:
+def _wait_for_case(args: argparse.Namespace) -> int:
     """Wait until the case exists and is final; print its state; 0 only when it is done."""
-    from mqi_framework.store import records
+    from mqi_framework.api import FINAL_CASE_STATES, CaseNotFound
 
+    loaded = _load(args)
     deadline = time.monotonic() + args.wait
     shown = None
     while True:
-        row = None
+        summary = None
         if loaded.database_path.exists():
-            conn = _state(loaded)
-            try:
-                row = records.find_case(conn, args.id)
-                summary = records.case_summary(conn, row, show_names=False) if row is not None else None
-            finally:
-                conn.close()
-        if row is not None:
+            from mqi_framework.api import Host
+
+            with Host(loaded) as host:
+                try:
+                    summary = host.case_summary(args.id, by_name=True)
+                except CaseNotFound:
+                    summary = None
+        if summary is not None:
             line = f"{summary['id']}: {summary['state']}  beams " + (
                 " ".join(f"{b['number']}:{b['state']}" for b in summary["beams"]) or "-")
             if line != shown and not args.json:
                 print(line, flush=True)
                 shown = line
-            if summary["state"] in records.FINAL_CASE_STATES:
+            if summary["state"] in FINAL_CASE_STATES:
                 if args.json:
                     _print_json(summary)
                 return EXIT_OK if summary["state"] == "done" else EXIT_FAILED
@@ -283,14 +276,15 @@ def _wait_for_case(loaded, args: argparse.Namespace) -> int:
         time.sleep(0.5)
 
 
-def _steer(args: argparse.Namespace, action: Callable[..., str]) -> int:
-    from mqi_framework.conductor import ConductorError
+def _steer(args: argparse.Namespace, action: Callable[[Any], str]) -> int:
+    from mqi_framework.api import ActionRefused, CaseNotFound
 
-    try:
-        state = action()
-    except ConductorError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    with _host(args) as host:
+        try:
+            state = action(host)
+        except (ActionRefused, CaseNotFound) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     if args.json:
         _print_json({"id": args.id, "state": state})
     else:
@@ -298,20 +292,12 @@ def _steer(args: argparse.Namespace, action: Callable[..., str]) -> int:
     return EXIT_OK
 
 
-def _conductor(loaded):
-    from mqi_framework.conductor import Conductor
-
-    return Conductor(loaded, _state(loaded, write=True), actor="cli")
-
-
 def cmd_retry(args: argparse.Namespace) -> int:
-    loaded = _load(args)
-    return _steer(args, lambda: _conductor(loaded).retry(args.id, beam=args.beam, actor=_actor()))
+    return _steer(args, lambda host: host.retry(args.id, beam=args.beam, by_name=True))
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    loaded = _load(args)
-    return _steer(args, lambda: _conductor(loaded).cancel(args.id, actor=_actor()))
+    return _steer(args, lambda host: host.cancel(args.id, by_name=True))
 
 
 def _actor() -> str:
@@ -324,61 +310,44 @@ def _actor() -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mqi_framework.store import records
-    from mqi_framework.worker import make_broker
-
-    loaded = _load(args)
-    conn = _state(loaded)
-    now = time.time()
-    counts = {r[0]: r[1] for r in conn.execute("SELECT state, COUNT(*) FROM cases GROUP BY state")}
-    attention = conn.execute("SELECT COUNT(*) FROM cases WHERE attention = 1").fetchone()[0]
-    workers = records.workers(conn)
-    gpus = records.gpus(conn)
-    gpu_queue = records.gpu_queue(conn)
-    broker = make_broker(loaded)
-    try:
-        consuming = [n for n in loaded.config.workers if loaded.worker_kind(n) in ("interpreter", "transfer", "executor")]
-        queues = {q: broker.depth(q) for q in ["mqi.events"] + [f"mqi.{n}" for n in consuming]}
-        dead = len(broker.dlq_list())
-    finally:
-        broker.close()
+    with _host(args) as host:
+        status = host.status()
     if args.json:
-        _print_json({"cases": counts, "attention": attention, "workers": workers, "gpus": gpus,
-                     "gpu_queue": gpu_queue, "queues": queues, "dead_letters": dead})
+        _print_json(status)
         return EXIT_OK
-    print("cases:   " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none")
-          + (f"  ({attention} need attention)" if attention else ""))
+    now = time.time()
+    print("cases:   " + (", ".join(f"{k} {v}" for k, v in sorted(status["cases"].items())) or "none")
+          + (f"  ({status['attention']} need attention)" if status["attention"] else ""))
     print("workers:")
-    for w in workers:
-        beat = f"{now - w['heartbeat_at']:.0f}s ago" if w["heartbeat_at"] else "never"
+    for w in status["workers"]:
+        beat = f"{w['heartbeat_age']:.0f}s ago" if w["heartbeat_age"] is not None else "never"
         print(f"  {w['name']:<12} {w['state']:<10} pid {w['pid'] or '-':<7} heartbeat {beat:<9} "
               f"restarts {w['restarts']}{'  ' + w['message'] if w['message'] else ''}")
     print("gpus:")
-    for g in gpus:
-        held = f"beam step {g['allocated_step']}" if g["allocated_step"] else "free"
+    for g in status["gpus"]:
+        held = g["allocated"]
+        where = f"{held['case']} beam {held['beam']}" if held else "free"
         health = "healthy" if g["healthy"] else "UNHEALTHY"
         if g["healthy"] and not g["eligible"]:
             health = "busy"
-        print(f"  {g['host']}:{g['idx']} {g['name']} {health} {held}{'  (' + g['note'] + ')' if g['note'] else ''}")
-    if gpu_queue:
-        first = gpu_queue[0]
+        print(f"  {g['host']}:{g['index']} {g['name']} {health} {where}{'  (' + g['note'] + ')' if g['note'] else ''}")
+    queue = status["gpu_queue"]
+    if queue:
+        first = queue[0]
         waited = f", waiting {now - first['queued_since']:.0f}s" if first["queued_since"] else ""
-        print(f"gpu queue: {len(gpu_queue)} beam(s) waiting for a GPU; next {first['case']} beam {first['beam']}"
+        print(f"gpu queue: {len(queue)} beam(s) waiting for a GPU; next {first['case']} beam {first['beam']}"
               f" ({first['step']}{waited})")
     else:
         print("gpu queue: empty")
-    print("queues:  " + ", ".join(f"{q} {d}" for q, d in queues.items()) + f"; dead letters {dead}")
+    print("queues:  " + ", ".join(f"{q} {d}" for q, d in status["queues"].items())
+          + f"; dead letters {status['dead_letters']}")
     return EXIT_OK
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from mqi_framework.worker import make_broker
-
-    loaded = _load(args)
-    broker = make_broker(loaded)
-    try:
+    with _host(args) as host:
         if args.action == "list":
-            letters = broker.dlq_list(args.queue)
+            letters = host.dead_letters(args.queue)
             if args.json:
                 _print_json([{"id": d.id, "queue": d.queue, "message_id": d.message_id, "reason": d.reason,
                               "attempts": d.attempts, "dead_at": d.dead_at, "body": d.body} for d in letters])
@@ -390,18 +359,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                     where = f" {d.body.get('case', '')} {d.body.get('step', '')}".rstrip()
                     print(f"{d.id}  {d.queue}  {what}{where}  attempts {d.attempts}  {_when(d.dead_at)}\n    {d.reason}")
             return EXIT_OK
-        ids = None if args.all else args.ids
         if not args.all and not args.ids:
             raise UsageError(f"dlq {args.action}: name message ids or pass --all")
-        count = broker.dlq_replay(ids) if args.action == "replay" else broker.dlq_purge(ids)
-        verb = "replayed" if args.action == "replay" else "purged"
-        if args.json:
-            _print_json({verb: count})
-        else:
-            print(f"{verb} {count} message(s)")
-        return EXIT_OK
-    finally:
-        broker.close()
+        ids = None if args.all else args.ids
+        done = host.replay_dead_letters(ids) if args.action == "replay" else host.purge_dead_letters(ids)
+    verb = "replayed" if args.action == "replay" else "purged"
+    if args.json:
+        _print_json({verb: len(done)})
+    else:
+        print(f"{verb} {len(done)} message(s)")
+    return EXIT_OK
 
 
 # =============================================================================== parser

@@ -1,5 +1,5 @@
-"""Reads and small writes on the state database shared by the conductor, workers, CLI and
-dashboard. Functions that write expect to run inside :func:`mqi_framework.store.transaction`
+"""Reads and small writes on the state database for the conductor, workers and supervision
+(what people see is :mod:`mqi_framework.store.views`). Functions that write expect to run inside :func:`mqi_framework.store.transaction`
 unless they say otherwise."""
 
 from __future__ import annotations
@@ -37,64 +37,6 @@ def find_case(conn: sqlite3.Connection, ident: str) -> Optional[sqlite3.Row]:
     if row is None and ident.isdigit():
         row = conn.execute("SELECT * FROM cases WHERE id = ?", (int(ident),)).fetchone()
     return row
-
-
-def beams_of(conn: sqlite3.Connection, case_id: int) -> list[dict]:
-    return [dict(r) for r in conn.execute(
-        "SELECT number, name, state, message, updated_at FROM beams WHERE case_id = ? ORDER BY number", (case_id,))]
-
-
-def case_summary(conn: sqlite3.Connection, row: sqlite3.Row, *, show_names: bool) -> dict:
-    out = {
-        "id": row["uid"],
-        "state": row["state"],
-        "attention": bool(row["attention"]),
-        "message": row["message"],
-        "detected_at": row["detected_at"],
-        "updated_at": row["updated_at"],
-        "finished_at": row["finished_at"],
-        "info": json.loads(row["info"] or "{}"),
-        "beams": [{"number": b["number"], "state": b["state"], "message": b["message"]}
-                  for b in beams_of(conn, row["id"])],
-    }
-    if show_names:
-        out["name"] = row["name"]
-    return out
-
-
-def list_cases(conn: sqlite3.Connection, *, state: Optional[str] = None, show_names: bool = False,
-               limit: Optional[int] = None) -> list[dict]:
-    sql, params = "SELECT * FROM cases", []
-    if state:
-        sql += " WHERE state = ?"
-        params.append(state)
-    sql += " ORDER BY id"
-    if limit:
-        sql += " LIMIT ?"
-        params.append(limit)
-    return [case_summary(conn, row, show_names=show_names) for row in conn.execute(sql, params).fetchall()]
-
-
-def case_detail(conn: sqlite3.Connection, row: sqlite3.Row, *, show_names: bool) -> dict:
-    out = case_summary(conn, row, show_names=show_names)
-    steps = []
-    for s in conn.execute("SELECT * FROM steps WHERE case_id = ? ORDER BY step_index, beam_number", (row["id"],)):
-        attempts = [dict(a) for a in conn.execute(
-            "SELECT attempt, dispatched_at, started_at, finished_at, outcome, exit_code, message, log_tail "
-            "FROM attempts WHERE step_id = ? ORDER BY attempt", (s["id"],))]
-        steps.append({
-            "step": s["name"], "beam": s["beam_number"] or None, "worker": s["worker"], "state": s["state"],
-            "attempt": s["attempt"], "progress": s["progress"], "progress_text": s["progress_text"],
-            "started_at": s["started_at"], "finished_at": s["finished_at"], "exit_code": s["exit_code"],
-            "message": s["message"], "attempts": attempts,
-        })
-    out["steps"] = steps
-    out["events"] = [
-        {"at": e["at"], "beam": e["beam"], "step": e["step"], "kind": e["kind"], "message": e["message"],
-         "actor": e["actor"]}
-        for e in conn.execute("SELECT * FROM events WHERE case_id = ? ORDER BY id", (row["id"],))
-    ]
-    return out
 
 
 # --------------------------------------------------------------------------- resources
@@ -256,7 +198,3 @@ def worker_state(conn: sqlite3.Connection, name: str, kind: str, *, pid: Optiona
 
 def workers(conn: sqlite3.Connection) -> list[dict]:
     return [dict(r) for r in conn.execute("SELECT * FROM workers ORDER BY name")]
-
-
-def as_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)

@@ -11,7 +11,8 @@ import pytest
 
 from mqi_framework.store import connect
 
-from mqi_dashboard import charts, queries
+from mqi_dashboard import charts
+from mqi_framework.store import views as queries
 from mqi_dashboard.auth import check_password, hash_problem
 from mqi_dashboard.settings import DashboardSettings
 

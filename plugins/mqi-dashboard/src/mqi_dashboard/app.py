@@ -1,9 +1,9 @@
 """The Flask application: pages, JSON API, actions, /metrics, /healthz.
 
-Reads go to the state database through a read-only connection opened for one request
-(``PRAGMA query_only``; WAL readers never block the conductor). Actions go through
-:class:`mqi_framework.conductor.Conductor` (retry, cancel) and the broker (DLQ replay,
-purge); each is written to the audit log with the person who did it.
+Presentation only: reads go to the read models of :mod:`mqi_framework.api` (``views``)
+through a read-only connection opened for one request (``PRAGMA query_only``; WAL readers
+never block the conductor); actions (retry, cancel, DLQ replay and purge) are the
+:class:`mqi_framework.api.Host` operations, which audit and notify them exactly as for the CLI.
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from flask import Flask, Response, abort, flash, g, jsonify, redirect, render_te
 from markupsafe import Markup
 from werkzeug.exceptions import HTTPException
 
+from mqi_framework.api import RETRYABLE_CASE_STATES, ActionRefused, CaseNotFound, Host, StoreError, load_config, views
 from mqi_framework.protocols import PluginContext
-from mqi_framework.store import StoreError, connect, transaction
-from mqi_framework.store import records
 
-from mqi_dashboard import auth, charts, metrics, queries
+from mqi_dashboard import auth, charts, metrics
 from mqi_dashboard.settings import DashboardSettings, is_loopback
 
 log = logging.getLogger(__name__)
@@ -38,8 +37,6 @@ METRICS_TTL = 5.0  # /metrics reads every attempt (tens of ms with 100,000): scr
 MAX_QUERY_LENGTH = 100
 _STATE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _IDENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-RETRYABLE = ("failed", "cancelled", "rejected", "incomplete")
-CONSUMING_KINDS = ("interpreter", "transfer", "executor")  # workers that take commands from a queue
 
 
 class BadParam(Exception):
@@ -54,7 +51,7 @@ class Unavailable(Exception):
 
 
 class Dashboard:
-    """What the request handlers share: settings, context, config, broker, extra pages."""
+    """What the request handlers share: settings, context, config, the host API, extra pages."""
 
     def __init__(self, settings: DashboardSettings, context: PluginContext, *, loaded: Any = None,
                  plugin_host: Any = None) -> None:
@@ -64,7 +61,7 @@ class Dashboard:
         self.plugin_host = plugin_host
         self.throttle = auth.LoginThrottle()
         self.extra_pages: list[tuple[str, str, str]] = []  # (path, title, endpoint)
-        self._broker: Any = None
+        self._broker_host: Optional[Host] = None
         self._broker_lock = threading.Lock()
         self._queue_cache: tuple[float, Optional[list]] = (0.0, None)
         self.metrics_cache: tuple[float, str] = (0.0, "")
@@ -72,102 +69,65 @@ class Dashboard:
         material = "\0".join([str(settings.token or "")] + [f"{u}:{h}" for u, h in sorted(settings.accounts().items())])
         self.credentials_version = hashlib.sha256(material.encode()).hexdigest()[:16]
 
-    # -- config and stores
+    # -- config, state and broker (all through the host API)
 
     @property
     def loaded(self) -> Any:
         if self._loaded is None and self.context.config_path is not None:
-            from mqi_framework.config import load_config
-
             self._loaded = load_config(self.context.config_path)
         return self._loaded
 
-    @property
-    def state_db(self) -> Path:
-        if self.context.state_db is not None:
-            return Path(self.context.state_db)
-        if self.loaded is not None:
-            return self.loaded.database_path
-        raise Unavailable("the dashboard does not know where the state database is (no config)")
+    def host(self, actor: str = "dashboard") -> Host:
+        """A host API object for one action (it opens its own connections)."""
+        if self.loaded is None:
+            raise Unavailable("the dashboard does not know the host's config")
+        return Host(self.loaded, actor=actor, plugin_host=self.plugin_host)
 
     def read_db(self) -> sqlite3.Connection:
         """The request's read-only connection (opened on first use, closed at teardown)."""
         conn = g.get("mqi_db")
         if conn is None:
             try:
-                conn = connect(self.state_db, readonly=True)
+                conn = self.host().new_reader()
             except StoreError as exc:
                 raise Unavailable(str(exc)) from exc
-            conn.execute("PRAGMA query_only = 1")
             g.mqi_db = conn
         return conn
 
     def workflow_states(self) -> list[str]:
-        loaded = self.loaded
-        if loaded is None:
-            return []
-        return [step.label for step in loaded.config.workflow.steps]
-
-    def broker(self) -> Any:
-        with self._broker_lock:
-            if self._broker is None:
-                if self.loaded is not None:
-                    from mqi_framework.worker import make_broker
-
-                    self._broker = make_broker(self.loaded)
-                elif self.context.broker_url:
-                    from mqi_framework.broker import open_broker
-
-                    self._broker = open_broker(self.context.broker_url)
-                else:
-                    raise Unavailable("the dashboard does not know the broker (no config)")
-            return self._broker
+        return self.host().workflow_states() if self.loaded is not None else []
 
     def queue_stats(self) -> Optional[list]:
-        """The broker's queues (cached for a second: many open pages poll), None when unreadable."""
+        """The host's queues (cached for a second: many open pages poll), None when unreadable.
+        One broker connection serves every request thread, one at a time."""
         at, cached = self._queue_cache
         if cached is not None and time.monotonic() - at < QUEUE_STATS_TTL:
             return cached
         try:
-            broker = self.broker()
-            if hasattr(broker, "queues"):
-                stats = broker.queues()
-            else:  # a backend without queues(): dead letters only
-                from mqi_framework.broker import QueueStats
-
-                dead: dict[str, int] = {}
-                for letter in broker.dlq_list():
-                    dead[letter.queue] = dead.get(letter.queue, 0) + 1
-                stats = [QueueStats(q, 0, 0, 0, 0, n) for q, n in sorted(dead.items())]
+            with self._broker_lock:
+                if self._broker_host is None:
+                    self._broker_host = self.host()
+                stats = self._broker_host.queues()
         except Exception as exc:  # the pages still show the state database
             log.warning("dashboard: cannot read the broker: %s", exc)
             return None
-        stats = self._with_idle_queues(stats)
         self._queue_cache = (time.monotonic(), stats)
         return stats
 
-    def _with_idle_queues(self, stats: list) -> list:
-        """Every queue the config uses, empty ones too (the broker only lists queues holding messages)."""
-        loaded = self.loaded
-        if loaded is None:
-            return stats
-        from mqi_framework.broker import QueueStats
-        from mqi_framework.conductor import EVENTS_QUEUE, command_queue
-
-        known = {q.queue for q in stats}
-        expected = [EVENTS_QUEUE] + [command_queue(name) for name, worker in loaded.config.workers.items()
-                                     if worker.enabled and loaded.worker_kind(name) in CONSUMING_KINDS]
-        idle = [QueueStats(q, 0, 0, 0, 0, 0) for q in expected if q not in known]
-        return sorted(list(stats) + idle, key=lambda q: q.queue)
+    def dead_letters(self) -> list:
+        with self._broker_lock:
+            if self._broker_host is None:
+                self._broker_host = self.host()
+            return self._broker_host.dead_letters()
 
     def forget_queue_stats(self) -> None:
         self._queue_cache = (0.0, None)
 
     def close(self) -> None:
         with self._broker_lock:
-            if self._broker is not None:
-                self._broker.close()
-                self._broker = None
+            if self._broker_host is not None:
+                self._broker_host.close()
+                self._broker_host = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -232,6 +192,15 @@ def _host_is_loopback(host_header: str) -> bool:
     return is_loopback(host)
 
 
+def _request_actor() -> str:
+    """Who the audit log names for this request's actions."""
+    if g.via == "token":
+        return auth.TOKEN_ACTOR
+    if g.via == "local":
+        return auth.LOCAL_ACTOR
+    return f"dashboard:{g.user}"
+
+
 def _api() -> bool:
     return request.path.startswith("/api/") or request.path == "/metrics"
 
@@ -280,9 +249,7 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
     if context is None:
         if loaded is None:
             raise ValueError("create_app needs a PluginContext or a loaded config")
-        from mqi_framework.worker import plugin_context
-
-        context = plugin_context(loaded, "dashboard")
+        context = Host(loaded).plugin_context("dashboard")
     app = Flask("mqi_dashboard", static_folder=None)  # everything is inline: no files to serve
     app.config.update(
         SECRET_KEY=settings.secret_key or secrets.token_bytes(32),
@@ -301,8 +268,8 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
 
     app.jinja_env.filters.update(ts=_ts, ago=_ago, dur=charts.duration, stclass=_state_class)
     app.jinja_env.globals.update(gantt=charts.gantt, sparkline=charts.gpu_sparkline,
-                                 throughput_bars=charts.throughput_bars, RETRYABLE=RETRYABLE,
-                                 FINAL=queries.FINAL_CASE_STATES)
+                                 throughput_bars=charts.throughput_bars, RETRYABLE=RETRYABLE_CASE_STATES,
+                                 FINAL=views.FINAL_CASE_STATES)
 
     # ------------------------------------------------------------------ request guards
 
@@ -343,12 +310,7 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
             return user, "session"
         return None, "none"
 
-    def actor() -> str:
-        if g.via == "token":
-            return auth.TOKEN_ACTOR
-        if g.via == "local":
-            return auth.LOCAL_ACTOR
-        return f"dashboard:{g.user}"
+    actor = _request_actor
 
     def csrf_token() -> str:
         token = session.get("csrf")
@@ -444,7 +406,7 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
     @app.get("/healthz")
     def healthz() -> Response:
         try:
-            conn = connect(dash.state_db, readonly=True)
+            conn = dash.host().new_reader()
             try:
                 conn.execute("SELECT 1 FROM cases LIMIT 1").fetchall()
             finally:
@@ -501,7 +463,7 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
     # ------------------------------------------------------------------ data
 
     def overview_data() -> dict:
-        data = queries.overview(dash.read_db(), show_names=show_names)
+        data = views.overview(dash.read_db(), show_names=show_names)
         stats = dash.queue_stats()
         data["broker_up"] = stats is not None
         data["queues"] = [_queue_dict(q) for q in stats or []]
@@ -530,44 +492,44 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
         page_no = _int_arg(args, "page", 1, 1, 1_000_000)
         per_page = _int_arg(args, "per_page", settings.page_size, 1, 500)
         conn = dash.read_db()
-        data = queries.case_page(conn, q=q, state=state or None, attention=attention, page=page_no,
+        data = views.case_page(conn, q=q, state=state or None, attention=attention, page=page_no,
                                  per_page=per_page, show_names=show_names)
         data["filters"] = {"q": q, "state": state, "attention": attention}
-        data["states"] = queries.case_states(conn, dash.workflow_states())
+        data["states"] = views.case_states(conn, dash.workflow_states())
         return data
 
     def case_row(ident: str) -> sqlite3.Row:
-        row = queries.find_case_row(dash.read_db(), _ident(ident), show_names=show_names)
+        row = views.find_case_row(dash.read_db(), _ident(ident), show_names=show_names)
         if row is None:
             abort(404, description=f"no case {ident!r} (cases are named case-000042)")
         return row
 
     def case_data(ident: str) -> dict:
-        return queries.case_detail(dash.read_db(), case_row(ident), show_names=show_names)
+        return views.case_detail(dash.read_db(), case_row(ident), show_names=show_names)
 
     def gpus_data() -> dict:
         now = time.time()
         since = now - settings.gpu_history_hours * 3600
         conn = dash.read_db()
-        return {"gpus": queries.gpus(conn), "history": queries.gpu_history(conn, since=since),
+        return {"gpus": views.gpus(conn), "history": views.gpu_history(conn, since=since),
                 "history_since": since, "now": now,
                 "queued_beams": conn.execute("SELECT COUNT(*) FROM steps WHERE state = 'queued'").fetchone()[0]}
 
     def workers_data() -> dict:
         stats = dash.queue_stats()
-        return {"workers": queries.workers(dash.read_db()), "broker_up": stats is not None,
+        return {"workers": views.workers(dash.read_db()), "broker_up": stats is not None,
                 "queues": [_queue_dict(q) for q in stats or []], "stale_after_seconds": _stale_after()}
 
     def dlq_data() -> dict:
         try:
-            letters = dash.broker().dlq_list()
+            letters = dash.dead_letters()
         except Unavailable:
             raise
         except Exception as exc:
             raise Unavailable(f"the broker cannot be read: {exc}") from exc
         reasons = [d.reason for d in letters]
         if not show_names:  # exception texts often carry a case folder's path
-            reasons = queries.redact_known_names(dash.read_db(), reasons)
+            reasons = views.redact_known_names(dash.read_db(), reasons)
         out = []
         for d, reason in zip(letters, reasons):
             body = d.body if isinstance(d.body, dict) else {}
@@ -584,7 +546,7 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
         before = _int_arg(request.args, "before", None, 1, 2**62)
         limit = _int_arg(request.args, "limit", 100, 1, 1000)
         people = _bool_arg(request.args, "people")
-        items = queries.events(dash.read_db(), limit=limit, before=before, people_only=people, show_names=show_names)
+        items = views.events(dash.read_db(), limit=limit, before=before, people_only=people, show_names=show_names)
         return {"events": items, "people_only": people, "limit": limit,
                 "next_before": items[-1]["id"] if len(items) == limit else None}
 
@@ -666,19 +628,11 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
         at, text = dash.metrics_cache
         if not text or time.monotonic() - at >= METRICS_TTL:
             text = metrics.render(dash.read_db(), dash.queue_stats(),
-                                  known_case_states=queries.BASE_CASE_STATES + tuple(dash.workflow_states()))
+                                  known_case_states=views.BASE_CASE_STATES + tuple(dash.workflow_states()))
             dash.metrics_cache = (time.monotonic(), text)
         return Response(text, mimetype=None, content_type=metrics.CONTENT_TYPE)
 
     # ------------------------------------------------------------------ actions
-
-    def _conductor() -> Any:
-        loaded = dash.loaded
-        if loaded is None:
-            raise Unavailable("actions need the host's config (the dashboard runs without one)")
-        from mqi_framework.conductor import Conductor
-
-        return Conductor(loaded, connect(dash.state_db), actor=actor())
 
     def _done(message: str, status: int = 200, *, back: str, **data: Any) -> Response:
         if _api():
@@ -691,19 +645,15 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
         flash(message, "error" if status >= 400 else "ok")
         return redirect(_safe_next(request.form.get("next"), back), code=303)
 
-    def _steer(ident: str, what: str, call: Callable[[Any, str], str]) -> Response:
-        from mqi_framework.conductor import ConductorError
-
+    def _steer(ident: str, what: str, call: Callable[[Host, str], str]) -> Response:
         row = case_row(ident)
         uid = row["uid"]
         back = url_for("case", ident=uid)
-        conductor = _conductor()
-        try:
-            state = call(conductor, uid)
-        except ConductorError as exc:
-            return _done(queries.redact(str(exc), None if show_names else row["name"]), 409, back=back, case=uid)
-        finally:
-            conductor.conn.close()
+        with dash.host(actor()) as host:
+            try:
+                state = call(host, uid)
+            except (ActionRefused, CaseNotFound) as exc:
+                return _done(views.redact(str(exc), None if show_names else row["name"]), 409, back=back, case=uid)
         log.info("dashboard: %s %s by %s -> %s", what, uid, actor(), state)
         return _done(f"{uid}: {what} requested, now {state}", back=back, case=uid, state=state)
 
@@ -712,12 +662,12 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
     def retry(ident: str) -> Response:
         beam = _int_arg(_action_params(), "beam", None, 1, 10_000)
         what = f"retry of beam {beam}" if beam else "retry"
-        return _steer(ident, what, lambda c, uid: c.retry(uid, beam=beam, actor=actor()))
+        return _steer(ident, what, lambda host, uid: host.retry(uid, beam=beam))
 
     @app.post("/cases/<ident>/cancel")
     @app.post("/api/cases/<ident>/cancel", endpoint="api_cancel")
     def cancel(ident: str) -> Response:
-        return _steer(ident, "cancel", lambda c, uid: c.cancel(uid, actor=actor()))
+        return _steer(ident, "cancel", lambda host, uid: host.cancel(uid))
 
     def _dlq_action(action: str) -> Response:
         source = _action_params()
@@ -728,33 +678,14 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
         ids = [str(i) for i in raw]
         if not every and not ids:
             raise BadParam(f"name the dead letters to {action} (id=...) or send all=1")
-        broker = dash.broker()
-        chosen = {d.id: d for d in broker.dlq_list()}
-        targets = list(chosen.values()) if every else [chosen[i] for i in ids if i in chosen]
-        if not targets:
-            return _done(f"no such dead letter(s): nothing to {action}", 404, back=url_for("dlq"))
-        target_ids = [d.id for d in targets]
-        count = broker.dlq_replay(target_ids) if action == "replay" else broker.dlq_purge(target_ids)
-        dash.forget_queue_stats()
         who = actor()
-        conn = connect(dash.state_db)
-        try:
-            with transaction(conn):
-                for d in targets:
-                    body = d.body if isinstance(d.body, dict) else {}
-                    case = body.get("case") if isinstance(body.get("case"), str) else None
-                    case_id = queries.case_id_of(conn, case)
-                    if case_id is not None and conn.execute("SELECT 1 FROM cases WHERE id = ?",
-                                                            (case_id,)).fetchone() is None:
-                        case_id = None
-                    records.add_event(
-                        conn, f"dlq.{action}", f"dead letter {d.id} ({body.get('type') or 'command'} on {d.queue}"
-                        f"{', step ' + str(body.get('step')) if body.get('step') else ''}) {action}ed",
-                        case_id=case_id, beam=body.get("beam") if isinstance(body.get("beam"), int) else None,
-                        step=body.get("step") if isinstance(body.get("step"), str) else None, actor=who,
-                        data={"dead_letter": d.id, "queue": d.queue, "message_id": d.message_id})
-        finally:
-            conn.close()
+        with dash.host(who) as host:
+            target_ids = (host.replay_dead_letters if action == "replay" else host.purge_dead_letters)(
+                None if every else ids)
+        dash.forget_queue_stats()
+        if not target_ids:
+            return _done(f"no such dead letter(s): nothing to {action}", 404, back=url_for("dlq"))
+        count = len(target_ids)
         log.info("dashboard: %s %d dead letter(s) %s by %s", action, count, target_ids, who)
         verb = "replayed" if action == "replay" else "purged"
         return _done(f"{verb} {count} dead letter(s)", back=url_for("dlq"), count=count, ids=target_ids)
@@ -777,7 +708,9 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
 
 def _register_extra_pages(app: Flask, dash: Dashboard, page: Callable[..., Response]) -> None:
     """Pages other plugins add through ``mqi_register_dashboard_pages``: ``register(path, title,
-    view)``; ``view()`` returns the HTML shown inside the dashboard's frame (refreshed live)."""
+    view)``; ``view`` returns the HTML shown inside the dashboard's frame (refreshed live). A
+    view that takes one argument gets a :class:`mqi_framework.api.Host` for the request (read
+    models, status, actions in the name of the person logged in)."""
     host = dash.plugin_host
     if host is None:
         from mqi_framework.plugins import get_plugin_host
@@ -785,24 +718,34 @@ def _register_extra_pages(app: Flask, dash: Dashboard, page: Callable[..., Respo
         host = get_plugin_host()
     taken = {rule.rule for rule in app.url_map.iter_rules()}
 
-    def register(path: str, title: str, view: Callable[[], str]) -> None:
+    def register(path: str, title: str, view: Callable[..., str]) -> None:
         if not isinstance(path, str) or not re.fullmatch(r"/[a-z0-9][a-z0-9/_-]{0,63}", path) \
                 or path.startswith(("/api/", "/static")) or path in taken or not callable(view):
             log.warning("dashboard: extra page %r refused (a path like /site/report that no page uses, "
                         "a title and a callable are needed)", path)
             return
         endpoint = f"extra_{len(dash.extra_pages)}"
+        wants_host = _takes_an_argument(view)
 
         def show() -> Response:
-            return page("extra.html", title=str(title), content=Markup(view()))
+            if not wants_host:
+                return page("extra.html", title=str(title), content=Markup(view()))
+            with dash.host(_request_actor()) as api_host:
+                return page("extra.html", title=str(title), content=Markup(view(api_host)))
 
         app.add_url_rule(path, endpoint, show, methods=["GET"])
         taken.add(path)
         dash.extra_pages.append((path, str(title), endpoint))
 
-    hook = host.pm.hook.mqi_register_dashboard_pages
-    for impl in hook.get_hookimpls():
-        try:
-            impl.function(register=register)
-        except Exception:  # one plugin's pages must not take the dashboard down
-            log.exception("dashboard: plugin %r failed in mqi_register_dashboard_pages", impl.plugin_name)
+    host.call_each("mqi_register_dashboard_pages", register=register)  # one plugin's failure spares the others
+
+
+def _takes_an_argument(view: Callable[..., str]) -> bool:
+    import inspect
+
+    try:
+        params = [p for p in inspect.signature(view).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 1

@@ -6,7 +6,7 @@ import sqlite3
 import time
 from typing import Iterable, Optional
 
-from mqi_dashboard import queries
+from mqi_framework.api import views
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -63,21 +63,21 @@ def render(conn: sqlite3.Connection, queue_stats: Optional[list], *, now: Option
     the broker could not be read: ``mqi_broker_up`` is then 0)."""
     now = time.time() if now is None else now
     out = Exposition()
-    cases = queries.counts_by_state(conn, "cases")
+    cases = views.counts_by_state(conn, "cases")
     for state in known_case_states:
         cases.setdefault(state, 0)
     out.family("mqi_cases", "gauge", "Cases by state.", [({"state": s}, n) for s, n in sorted(cases.items())])
     attention = conn.execute("SELECT COUNT(*) FROM cases WHERE attention = 1").fetchone()[0]
     out.family("mqi_cases_attention", "gauge", "Cases flagged for a person (failed, rejected, incomplete too long).",
                [({}, attention)])
-    beams = queries.counts_by_state(conn, "beams")
+    beams = views.counts_by_state(conn, "beams")
     out.family("mqi_beams", "gauge", "Treatment beams by state.", [({"state": s}, n) for s, n in sorted(beams.items())])
-    steps = queries.counts_by_state(conn, "steps")
+    steps = views.counts_by_state(conn, "steps")
     out.family("mqi_steps", "gauge", "Workflow steps (per case and per beam) by state.",
                [({"state": s}, n) for s, n in sorted(steps.items())])
     out.histogram("mqi_step_duration_seconds", "Run time of finished step attempts (started to finished).",
-                  queries.step_durations(conn), ("step", "outcome"))
-    gpus = queries.gpus(conn)
+                  views.step_durations(conn), ("step", "outcome"))
+    gpus = views.gpus(conn)
     out.family("mqi_gpu_allocated", "gauge", "1 when the GPU is allocated to a beam.",
                [({"host": g["host"], "index": g["index"]}, int(g["allocated"] is not None)) for g in gpus])
     out.family("mqi_gpu_healthy", "gauge", "1 when the GPU is healthy.",
@@ -105,7 +105,7 @@ def render(conn: sqlite3.Connection, queue_stats: Optional[list], *, now: Option
                [({"queue": q.queue}, q.leased) for q in stats])
     out.family("mqi_dead_letters", "gauge", "Dead-lettered messages, by queue.",
                [({"queue": q.queue}, q.dead) for q in stats])
-    workers = queries.workers(conn, now=now)
+    workers = views.workers(conn, now=now)
     out.family("mqi_worker_restarts_total", "counter", "Restarts of each supervised process.",
                [({"worker": w["name"]}, w["restarts"]) for w in workers], suffix="")
     out.family("mqi_worker_running", "gauge", "1 when the process reports itself running.",

@@ -14,7 +14,6 @@ import sqlite3
 import time
 from typing import Optional
 
-from mqi_framework.store import transaction
 
 CASE_STEPS = (("prepare", "prepare", False), ("upload", "transfer", False), ("simulate", "execute", True),
               ("download", "transfer", False), ("postprocess", "postprocess", True))
@@ -176,7 +175,8 @@ def fill_state(conn: sqlite3.Connection, *, cases: int = 20, beams_per_case: int
         event_rows.append((detected + 0.5, i, None, None, "case.state", "detected -> preparing", "conductor", "{}"))
         if final:
             event_rows.append((finished_at, i, None, None, "case.state", f"-> {state}", "conductor", "{}"))
-    with transaction(conn):
+    with conn:  # sqlite3 commits the transaction on success and rolls it back on an error
+        conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO cases(id, uid, name, inbox, path, state, step_index, attention, message, info, "
                          "detected_at, updated_at, finished_at, incomplete_since, next_check_at) "
                          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", case_rows)

@@ -37,11 +37,7 @@ def _progress_line(case: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mqi_framework.config import load_config
-    from mqi_framework.host import ProcessHost
-    from mqi_framework.store import connect
-    from mqi_framework.store import records
-    from mqi_framework.workspace import fast_config, write_workspace
+    from mqi_framework.api import FINAL_CASE_STATES, Host, fast_config, write_workspace
 
     from mqi_moqui.samples import generate_case, outputs_missing
 
@@ -60,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         config["workers"]["dashboard"] = {"plugin": "dashboard", "kind": "service", "settings": {"port": args.port}}
     config_path = write_workspace(folder, config)
-    loaded = load_config(config_path)
+    api_host = Host.open(config_path, actor="demo")
     inbox = folder / "inbox"
     for i in range(1, args.cases + 1):
         generate_case(inbox, f"DEMO-{i:03d}", seed=i)
@@ -68,20 +64,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dashboard:
         print(f"dashboard: http://127.0.0.1:{args.port}/", flush=True)
 
-    host = ProcessHost(loaded, extra_env={"MQI_STANDIN_SECONDS": str(args.seconds)})
     started = time.monotonic()
     shown: dict[str, str] = {}
     final: list[dict] = []
     kept: list[float] = []  # with --dashboard: when the demo finished (the host keeps serving until Ctrl-C)
 
     def finished() -> bool:
-        if not loaded.database_path.exists():
+        if not api_host.database_path.exists():
             return False
-        conn = connect(loaded.database_path, readonly=True)
-        try:
-            cases = records.list_cases(conn)
-        finally:
-            conn.close()
+        cases = api_host.cases()
         for case in cases:
             line = _progress_line(case)
             if shown.get(case["id"]) != line:
@@ -93,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"demo: gave up after {args.timeout:.0f}s", flush=True)
             final[:] = cases
             return True
-        if len(cases) >= args.cases and all(c["state"] in records.FINAL_CASE_STATES for c in cases):
+        if len(cases) >= args.cases and all(c["state"] in FINAL_CASE_STATES for c in cases):
             final[:] = cases
             if args.dashboard:
                 kept.append(time.monotonic())
@@ -103,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
             return True
         return False
 
-    host.run_forever(until=finished, poll_seconds=0.3)
+    try:
+        api_host.run_supervised(until=finished, poll_seconds=0.3,
+                                extra_env={"MQI_STANDIN_SECONDS": str(args.seconds)})
+    finally:
+        api_host.close()
     elapsed = (kept[0] if kept else time.monotonic()) - started
 
     problems = []
@@ -121,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
         problems.extend(outputs_missing(folder, case))
     print()
     print(f"results:  {folder / 'results'}")
-    print(f"database: {loaded.database_path}")
-    print(f"logs:     {host.log_dir}")
+    print(f"database: {api_host.database_path}")
+    print(f"logs:     {api_host.log_dir}")
     print(f"inspect:  mqi-host cases -c {config_path}")
     if args.workdir:
         print(f"continue: mqi-host run -c {config_path}   (drop case folders into {inbox})")

@@ -1,4 +1,5 @@
-"""Read-only queries behind the pages, the JSON API and /metrics.
+"""Read models of the state database: what the CLI, the dashboard's pages, its JSON API and
+/metrics show (through :mod:`mqi_framework.api`, which is how plugins reach them).
 
 Every function takes an open (read-only) connection and returns plain, JSON-ready data.
 Queries stay index-backed so that pages are fast with 10,000+ cases (migration
@@ -15,9 +16,9 @@ import sqlite3
 import time
 from typing import Any, Iterable, Optional
 
-FINAL_CASE_STATES = ("done", "failed", "rejected", "cancelled")
+from mqi_framework.store.records import FINAL_CASE_STATES, IN_FLIGHT_STEP_STATES as RUNNING_STEP_STATES
+
 BASE_CASE_STATES = ("detected", "incomplete", "cancelling") + FINAL_CASE_STATES
-RUNNING_STEP_STATES = ("dispatched", "running", "cancelling")
 REDACTED = "[case folder]"
 #: upper bounds (seconds) of the step duration histogram in /metrics
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
@@ -224,7 +225,42 @@ def find_case_row(conn: sqlite3.Connection, ident: str, *, show_names: bool) -> 
     return None
 
 
-def case_detail(conn: sqlite3.Connection, row: sqlite3.Row, *, show_names: bool, events_limit: int = 300) -> dict:
+def _beams_by_case(conn: sqlite3.Connection, ids: list[int], names: dict[int, Optional[str]]) -> dict[int, list[dict]]:
+    beams: dict[int, list[dict]] = {i: [] for i in ids}
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        for b in conn.execute(f"SELECT case_id, number, state, message FROM beams WHERE case_id IN "
+                              f"({','.join('?' * len(chunk))}) ORDER BY case_id, number", chunk):
+            beams[b["case_id"]].append({"number": b["number"], "state": b["state"],
+                                        "message": redact(b["message"], names.get(b["case_id"]))})
+    return beams
+
+
+def list_cases(conn: sqlite3.Connection, *, state: Optional[str] = None, show_names: bool = False) -> list[dict]:
+    """Every case (oldest first), each with its beams (number, state, message)."""
+    sql, params = ("SELECT id, uid, name, state, attention, message, info, detected_at, updated_at, finished_at "
+                   "FROM cases"), []
+    if state:
+        sql += " WHERE state = ?"
+        params.append(state)
+    rows = conn.execute(sql + " ORDER BY id", params).fetchall()
+    beams = _beams_by_case(conn, [r["id"] for r in rows], {r["id"]: None if show_names else r["name"] for r in rows})
+    out = []
+    for r in rows:
+        item = _case_row(r, show_names)
+        item["beams"] = beams[r["id"]]
+        out.append(item)
+    return out
+
+
+def case_summary(conn: sqlite3.Connection, row: sqlite3.Row, *, show_names: bool) -> dict:
+    """One case with its beams, as in :func:`list_cases`."""
+    item = _case_row(row, show_names)
+    item["beams"] = _beams_by_case(conn, [row["id"]], {row["id"]: None if show_names else row["name"]})[row["id"]]
+    return item
+
+
+def case_detail(conn: sqlite3.Connection, row: sqlite3.Row, *, show_names: bool, events_limit: Optional[int] = 300) -> dict:
     """Everything the case page shows: beams, steps with every attempt, GPU, events."""
     name = None if show_names else row["name"]
     out = _case_row(row, show_names)
@@ -266,7 +302,7 @@ def case_detail(conn: sqlite3.Connection, row: sqlite3.Row, *, show_names: bool,
         {"id": e["id"], "at": e["at"], "beam": e["beam"], "step": e["step"], "kind": e["kind"],
          "message": redact(e["message"], name), "actor": e["actor"]}
         for e in conn.execute("SELECT id, at, beam, step, kind, message, actor FROM events WHERE case_id = ? "
-                              "ORDER BY id DESC LIMIT ?", (row["id"], events_limit))
+                              "ORDER BY id DESC LIMIT ?", (row["id"], -1 if events_limit is None else events_limit))
     ]
     return out
 
