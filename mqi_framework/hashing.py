@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Callable, Optional
 
+from mqi_framework.files import fsync_dir, part_path
+
 CHUNK = 1024 * 1024
 
 
@@ -17,27 +19,11 @@ def sha256_file(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+__all__ = ["CHUNK", "VerificationError", "copy_verified", "fsync_dir", "part_path", "sha256_file"]
+
+
 class VerificationError(OSError):
     """A copy's SHA-256 does not match its source."""
-
-
-def part_path(dst: Path) -> Path:
-    """Where a copy to ``dst`` is written before its atomic rename."""
-    return dst.with_name(dst.name + ".part")
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside ``folder`` durable (best effort where the OS refuses)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def copy_verified(src: Path, dst: Path, *, on_bytes: Optional[Callable[[int], None]] = None,

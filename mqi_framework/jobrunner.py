@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mqi_framework.files import write_atomic
+
 TIMEOUT_EXIT_CODE = 124
 WORKDIR_MISSING_EXIT_CODE = 126
 CLAIM_FILE = "runner"
@@ -59,16 +61,6 @@ def process_start_time(pid: int) -> Optional[str]:
     except (OSError, ValueError):
         return None
     return fields[19] if len(fields) > 19 else None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through ``path.part``: readers see all of it or nothing."""
-    part = path.with_name(path.name + ".part")
-    with open(part, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(part, path)
 
 
 def read_pid_file(job_dir: Path) -> Optional[dict]:

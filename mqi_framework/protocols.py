@@ -17,6 +17,13 @@ from typing import Any, Callable, ClassVar, Iterable, Literal, Optional
 
 import attrs
 
+__all__ = [
+    "ArchiveResult", "Archiver", "BeamPlan", "CaseCandidate", "CasePlan", "CaseRejected", "Curator", "Executor",
+    "GpuReading", "Interpreter", "JobHandle", "JobSpec", "JobState", "JobStatus", "LogVerdict", "PermanentError",
+    "Plugin", "PluginContext", "ProgressCallback", "Scanner", "Service", "Transfer", "TransferProgress",
+    "TransferResult",
+]
+
 
 # --------------------------------------------------------------------------- context
 

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import attrs
 
-from mqi_framework.hashing import fsync_dir, part_path
+from mqi_framework.files import PART_SUFFIX, write_atomic
 
 log = logging.getLogger(__name__)
 
 #: written into a transferred tree last: its presence means the tree is complete
 MANIFEST = ".mqi-manifest.json"
 #: files are written as ``<name>.part`` and renamed once verified
-PART_SUFFIX = ".part"
 
 
 @attrs.frozen
@@ -74,18 +73,4 @@ def manifest_text(manifest: dict[str, dict]) -> str:
 def write_manifest(dst: Path, manifest: dict[str, dict]) -> None:
     """Write ``dst/.mqi-manifest.json`` atomically and durably: the last file of a
     transferred tree. An identical manifest already there is left alone."""
-    final = Path(dst) / MANIFEST
-    text = manifest_text(manifest)
-    try:
-        if not final.is_symlink() and final.read_text(encoding="utf-8") == text:
-            return  # a re-run of a finished transfer writes nothing
-    except (OSError, UnicodeDecodeError):
-        pass
-    part = part_path(final)
-    part.unlink(missing_ok=True)
-    with open(part, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(part, final)
-    fsync_dir(Path(dst))
+    write_atomic(Path(dst) / MANIFEST, manifest_text(manifest), unchanged_ok=True)  # a re-run writes nothing

@@ -100,7 +100,9 @@ class LocalExecutor(Executor):
 
     # ------------------------------------------------------------------ start
 
-    def _job_dir(self, job_key: str) -> Path:
+    def job_dir(self, job_key: str) -> Path:
+        """The folder of the job ``job_key`` (its output, pid, exit code and any file a
+        subclass keeps beside them)."""
         return self.jobs_dir / safe_component(job_key)
 
     def _handle(self, job_key: str, job_dir: Path, info: Optional[dict]) -> JobHandle:
@@ -120,7 +122,7 @@ class LocalExecutor(Executor):
 
     def start(self, spec: JobSpec) -> JobHandle:
         self._reap()
-        job_dir = self._job_dir(spec.job_key)
+        job_dir = self.job_dir(spec.job_key)
         info = read_pid_file(job_dir)
         if info is not None and info["source"] == "pid":
             log.info("job %s was started before: re-attaching", spec.job_key)

@@ -13,6 +13,7 @@ from typing import Optional
 import attrs
 
 from mqi_framework import hookimpl
+from mqi_framework.files import fsync_dir
 from mqi_framework.protocols import ArchiveResult, Archiver
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class SqliteArchiver(Archiver):
             part.unlink(missing_ok=True)
             raise RuntimeError(f"backup of {state_db} failed its integrity check: {status}")
         os.replace(part, target)
+        fsync_dir(target.parent)
         removed = self._retention(keep=target)
         message = f"backed up to {target.name}; removed {len(removed)} old backup(s)"
         log.info("%s", message)

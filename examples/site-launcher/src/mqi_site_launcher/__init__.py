@@ -18,8 +18,8 @@ from typing import Optional
 import attrs
 
 from mqi_framework import hookimpl
-from mqi_framework.builtin.local_executor import LocalExecutor
 from mqi_framework.protocols import JobHandle, JobSpec, PluginContext
+from mqi_framework.toolkit import LocalExecutor
 
 
 @attrs.frozen
@@ -41,7 +41,7 @@ class LauncherExecutor(LocalExecutor):
         super().__init__(settings or LauncherSettings(), context)  # type: ignore[arg-type]
 
     def start(self, spec: JobSpec) -> JobHandle:
-        progress_file = self._job_dir(spec.job_key) / "progress"
+        progress_file = self.job_dir(spec.job_key) / "progress"
         wrapped = " ".join(shlex.quote(part) for part in [
             sys.executable, "-m", "mqi_site_launcher.launch", "--label", self.settings.site_label,
             "--progress-file", str(progress_file), "--", spec.command])

@@ -8,12 +8,13 @@ with the command's exit code.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from mqi_framework.toolkit import write_atomic
 
 BATCH = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
 
@@ -37,9 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()
         match = BATCH.search(line)
         if match:
-            part = args.progress_file.with_name(args.progress_file.name + ".part")
-            part.write_text(f"{match.group(1)} {match.group(2)}\n")
-            os.replace(part, args.progress_file)
+            # a progress counter is cheap to lose: no fsync per batch
+            write_atomic(args.progress_file, f"{match.group(1)} {match.group(2)}\n", durable=False)
     code = proc.wait()
     print(f"[{args.label} launcher] exit code {code}", flush=True)
     return code if code >= 0 else 128 - code

@@ -22,7 +22,7 @@ import attrs
 
 from mqi_framework import hookimpl
 from mqi_framework.protocols import CaseCandidate, PluginContext, Scanner
-from mqi_framework.safepath import is_within
+from mqi_framework.toolkit import is_within
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ import secrets
 import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
@@ -711,11 +710,7 @@ def _register_extra_pages(app: Flask, dash: Dashboard, page: Callable[..., Respo
     view)``; ``view`` returns the HTML shown inside the dashboard's frame (refreshed live). A
     view that takes one argument gets a :class:`mqi_framework.api.Host` for the request (read
     models, status, actions in the name of the person logged in)."""
-    host = dash.plugin_host
-    if host is None:
-        from mqi_framework.plugins import get_plugin_host
-
-        host = get_plugin_host()
+    host = dash.plugin_host if dash.plugin_host is not None else dash.host().plugin_host
     taken = {rule.rule for rule in app.url_map.iter_rules()}
 
     def register(path: str, title: str, view: Callable[..., str]) -> None:

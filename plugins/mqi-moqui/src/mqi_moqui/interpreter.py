@@ -32,6 +32,7 @@ from typing import Any, Iterator, Literal, Optional
 import attrs
 
 from mqi_framework.protocols import BeamPlan, CasePlan, CaseRejected, Interpreter, LogVerdict
+from mqi_framework.toolkit import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -128,24 +129,9 @@ def _parse_int(value: str) -> Optional[int]:
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` through a temporary file and ``os.replace``; skip when equal."""
+    """Write ``data`` to ``target`` atomically and durably; skip when it holds that already."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if target.is_file() and not target.is_symlink() and target.read_bytes() == data:
-            return
-    except OSError:
-        pass
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_atomic(target, data, unchanged_ok=True)
 
 
 def _copy_atomic(source: Path, target: Path) -> None:

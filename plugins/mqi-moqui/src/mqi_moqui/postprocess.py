@@ -12,10 +12,11 @@ import argparse
 import array
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
+
+from mqi_framework.toolkit import write_atomic
 
 
 def summarise(dose_file: Path) -> dict:
@@ -53,9 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ERROR: {exc}", flush=True)
         return 1
     target = output_dir / "summary.json"
-    part = target.with_name(target.name + ".part")
-    part.write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    os.replace(part, target)
+    write_atomic(target, json.dumps(summary, indent=2))
     print(f"dose {summary['file']}: {summary['voxels']} voxels, max {summary['max']:.4g}, "
           f"mean {summary['mean']:.4g}", flush=True)
     return 0

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from mqi_framework.toolkit import write_atomic
+
 REQUIRED_KEYS = ("GPUID", "ParentDir", "DicomPath", "logFilePath", "BeamNumbers", "OutputDir", "OutputFormat")
 MODES = ("ok", "fail", "fatal", "segv", "hang", "lying", "nooutput")
 MODE_FILE = "STANDIN_MODE"
@@ -98,9 +100,7 @@ def write_dose(output_dir: Path, beam: str, seed: int, output_format: str) -> Pa
     if sys.byteorder != "little":
         values.byteswap()
     raw = output_dir / f"dose_beam{safe}.raw"
-    part = raw.with_name(raw.name + ".part")
-    part.write_bytes(values.tobytes())
-    os.replace(part, raw)
+    write_atomic(raw, values.tobytes())
     if output_format == "mhd":
         header = "\n".join([
             "ObjectType = Image",
@@ -114,9 +114,7 @@ def write_dose(output_dir: Path, beam: str, seed: int, output_format: str) -> Pa
             f"ElementDataFile = {raw.name}",
         ]) + "\n"
         mhd = raw.with_suffix(".mhd")
-        part = mhd.with_name(mhd.name + ".part")
-        part.write_text(header, encoding="ascii")
-        os.replace(part, mhd)
+        write_atomic(mhd, header, encoding="ascii")
     return raw
 
 

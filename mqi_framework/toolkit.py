@@ -1,0 +1,32 @@
+"""Helpers for writing plugin implementations: the public, stable names a transfer,
+executor, curator or site plugin may build on. Everything here is also what the host's
+own plugins use, so a site plugin gets the same guarantees:
+
+* paths that never leave their root: :func:`is_within`, :func:`safe_join`,
+  :func:`safe_component`, :class:`PathEscapeError`;
+* files written atomically and durably: :func:`write_atomic`, :func:`part_path`,
+  :func:`fsync_dir`;
+* verified copies and hashes: :func:`copy_verified`, :func:`sha256_file`,
+  :class:`VerificationError`;
+* transferred trees and their manifest: :func:`walk_tree`, :class:`TreeFile`,
+  :func:`manifest_text`, :func:`write_manifest`, :data:`MANIFEST`, :data:`PART_SUFFIX`;
+* short commands, locally (no shell) or on a remote shell: :func:`run_local`,
+  :class:`RemoteShell`, :class:`CommandResult`, :func:`as_result`;
+* the builtin local executor, to extend (``class MyLauncher(LocalExecutor)``):
+  :class:`LocalExecutor` (its :meth:`~LocalExecutor.job_dir` is where a job's files are).
+"""
+
+from __future__ import annotations
+
+from mqi_framework.builtin.local_executor import LocalExecutor
+from mqi_framework.commands import CommandResult, RemoteShell, as_result, run_local
+from mqi_framework.files import PART_SUFFIX, fsync_dir, part_path, write_atomic
+from mqi_framework.hashing import VerificationError, copy_verified, sha256_file
+from mqi_framework.safepath import PathEscapeError, is_within, safe_component, safe_join
+from mqi_framework.tree import MANIFEST, TreeFile, manifest_text, walk_tree, write_manifest
+
+__all__ = [
+    "CommandResult", "LocalExecutor", "MANIFEST", "PART_SUFFIX", "PathEscapeError", "RemoteShell", "TreeFile",
+    "VerificationError", "as_result", "copy_verified", "fsync_dir", "is_within", "manifest_text", "part_path",
+    "run_local", "safe_component", "safe_join", "sha256_file", "walk_tree", "write_atomic", "write_manifest",
+]
