@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def metrics_uncached():
                 dash.metrics_cache = (0.0, "")
-                return app.view_functions["prometheus"]()
+                return app.view_functions["api.prometheus"]()
 
             app.add_url_rule("/bench/select1", "bench_select1", select_one)
             app.add_url_rule("/bench/metrics-uncached", "bench_metrics_uncached", metrics_uncached)

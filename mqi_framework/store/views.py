@@ -75,6 +75,11 @@ def counts_by_state(conn: sqlite3.Connection, table: str) -> dict[str, int]:
     return {r[0]: r[1] for r in conn.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state ORDER BY state")}
 
 
+def beams_waiting_for_gpu(conn: sqlite3.Connection) -> int:
+    """How many beams wait for a free GPU."""
+    return conn.execute("SELECT COUNT(*) FROM steps WHERE state = 'queued'").fetchone()[0]
+
+
 def case_states(conn: sqlite3.Connection, extra: Iterable[str] = ()) -> list[str]:
     """Every case state worth offering as a filter: the fixed ones, the workflow's labels, and
     whatever the database holds."""
@@ -119,7 +124,7 @@ def overview(conn: sqlite3.Connection, *, now: Optional[float] = None, attention
     steps_running = conn.execute(
         f"SELECT COUNT(*) FROM steps WHERE state IN ({','.join('?' * len(RUNNING_STEP_STATES))})",
         RUNNING_STEP_STATES).fetchone()[0]
-    beams_waiting_gpu = conn.execute("SELECT COUNT(*) FROM steps WHERE state = 'queued'").fetchone()[0]
+    beams_waiting_gpu = beams_waiting_for_gpu(conn)
     gpu = conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(healthy), 0), COALESCE(SUM(allocated_step IS NOT NULL), 0) "
         "FROM resources WHERE kind = 'gpu'").fetchone()
