@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mqi_moqui.interpreter import judge_log
+from mqi_moqui.logjudge import judge_log
 from mqi_moqui.samples import generate_case
 
 

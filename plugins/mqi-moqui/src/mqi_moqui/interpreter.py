@@ -12,49 +12,36 @@ Staging tree written by :meth:`MoquiInterpreter.prepare` (uploaded to ``remote_d
     beams/<n>/logs/...               the delivery folder of beam n (PlanInfo.txt de-identified)
     beams/<n>/moqui_tps_<n>.in       Moqui input, paths pointing into remote_dir
 
-pydicom is imported lazily so that loading the plugin stays cheap.
+Reading the plan is :mod:`mqi_moqui.rtplan`, de-identification :mod:`mqi_moqui.deid`, judging
+the engine's log :mod:`mqi_moqui.logjudge`; pydicom is imported lazily so that loading the
+plugin stays cheap.
 """
 
 # No ``from __future__ import annotations`` here: cattrs structures MoquiSettings from its
 # real (evaluated) annotations.
 
-import contextlib
 import logging
 import os
 import posixpath
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional
+from typing import Any, Literal, Optional
 
 import attrs
 
 from mqi_framework.protocols import BeamPlan, CasePlan, CaseRejected, Interpreter, LogVerdict
 from mqi_framework.toolkit import write_atomic
 
+from mqi_moqui.deid import deidentify_dataset, deidentify_plan_info
+from mqi_moqui.logjudge import judge_log
+from mqi_moqui.rtplan import find_plan_file, read_plan, save_dataset
+
 log = logging.getLogger(__name__)
 
-RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
-RT_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.5"  # photon/electron RT Plan: not for Moqui
 PLAN_INFO = "PlanInfo.txt"
 BEAM_NUMBER_KEY = "DICOM_BEAM_NUMBER"
-ANON = "ANON"
-
-#: Top-level attributes replaced by ``ANON`` (identifiers) or blanked/removed on de-identification.
-DEID_REPLACE = ("PatientName", "PatientID")
-DEID_REMOVE = (
-    "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs", "OtherPatientIDsSequence", "OtherPatientNames",
-    "PatientBirthName", "PatientMotherBirthName", "PatientAddress", "PatientTelephoneNumbers",
-    "MedicalRecordLocator", "IssuerOfPatientID", "PatientComments", "MilitaryRank", "EthnicGroup",
-    "PatientInsurancePlanCodeSequence", "ReferencedPatientSequence", "ResponsiblePerson",
-    "AdditionalPatientHistory", "CountryOfResidence", "RegionOfResidence",
-)
-
-_PROGRESS = re.compile(r"Generating particles for \((\d+) of (\d+) batches\)")
-FAILURE_MARKERS = ("FATAL ERROR", "ERROR:", "Segmentation fault")
-SUCCESS_MARKER = "Time taken by MC engine"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
@@ -98,23 +85,6 @@ def parse_plan_info(data: bytes | str) -> dict[str, str]:
             continue
         out.setdefault(key, value.strip())
     return out
-
-
-def deidentify_plan_info(data: bytes) -> bytes:
-    """Return PlanInfo.txt with the value of every ``*PATIENT*`` key replaced by ``ANON``
-    (line endings, BOM and other lines kept as they are)."""
-    bom = data.startswith(b"\xef\xbb\xbf")
-    text = data[3:].decode("utf-8", errors="surrogateescape") if bom else data.decode("utf-8", errors="surrogateescape")
-    out = []
-    for line in text.splitlines(keepends=True):
-        body = line.rstrip("\r\n")
-        ending = line[len(body):]
-        key, sep, _ = body.partition(",")
-        if sep and "PATIENT" in key.strip().upper():
-            body = f"{key},{ANON}"
-        out.append(body + ending)
-    result = "".join(out).encode("utf-8", errors="surrogateescape")
-    return (b"\xef\xbb\xbf" + result) if bom else result
 
 
 def _parse_int(value: str) -> Optional[int]:
@@ -163,85 +133,6 @@ def _remote_join(remote_dir: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
-def _find_plan_file(case_dir: Path) -> Path:
-    candidates = sorted(
-        entry for entry in case_dir.iterdir()
-        if entry.name.upper().startswith("RP") and entry.name.lower().endswith(".dcm")
-        and not entry.is_symlink() and entry.is_file()
-    )
-    if not candidates:
-        raise CaseRejected(
-            "no RT Ion Plan (RP*.dcm) in the case folder; export the plan from the TPS as RP<...>.dcm "
-            "into the top of the case folder, then retry the case"
-        )
-    if len(candidates) > 1:
-        raise CaseRejected(
-            f"{len(candidates)} files match RP*.dcm in the case folder, expected exactly one RT Ion Plan; "
-            "keep only the plan that was delivered, then retry the case"
-        )
-    return candidates[0]
-
-
-@contextlib.contextmanager
-def _quiet_pydicom() -> Iterator[None]:
-    """Silence pydicom's warnings and log lines while reading: they carry the file path, and the
-    case folder name may be a patient identifier."""
-    logger = logging.getLogger("pydicom")
-    was_disabled = logger.disabled
-    logger.disabled = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.disabled = was_disabled
-
-
-def read_plan(path: Path) -> Any:
-    """Read ``path`` with pydicom and check that it is an RT Ion Plan; raise CaseRejected otherwise."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        with _quiet_pydicom():
-            ds = pydicom.dcmread(str(path))
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
-        raise CaseRejected(
-            f"the RT Ion Plan file (RP*.dcm) is not readable DICOM ({type(exc).__name__}); "
-            "export the plan again from the TPS, then retry the case"
-        ) from None
-    except Exception as exc:  # pydicom raises a zoo of errors on corrupt files
-        raise CaseRejected(
-            f"the RT Ion Plan file (RP*.dcm) could not be read ({type(exc).__name__}); "
-            "export the plan again from the TPS, then retry the case"
-        ) from None
-    meta = getattr(ds, "file_meta", None)
-    sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
-    modality = str(ds.get("Modality", ""))
-    if sop_class == RT_PLAN_SOP_CLASS:
-        raise CaseRejected(
-            "the RP*.dcm file is a photon/electron RT Plan, not an RT Ion Plan "
-            f"(SOP class {RT_PLAN_SOP_CLASS}); Moqui needs the proton plan (SOP class {RT_ION_PLAN_SOP_CLASS})"
-        )
-    if sop_class != RT_ION_PLAN_SOP_CLASS or modality != "RTPLAN":
-        raise CaseRejected(
-            f"the RP*.dcm file is not an RT Ion Plan: expected Modality RTPLAN and SOP class "
-            f"{RT_ION_PLAN_SOP_CLASS}, found Modality {modality or '(none)'} and SOP class {sop_class or '(none)'}; "
-            "export the RT Ion Plan from the TPS, then retry the case"
-        )
-    return ds
-
-
-def deidentify_dataset(ds: Any) -> None:
-    """Replace or remove the patient identifiers of a pydicom dataset (top level), in place."""
-    for keyword in DEID_REPLACE:
-        if keyword in ds:
-            setattr(ds, keyword, ANON)
-    for keyword in DEID_REMOVE:
-        if keyword in ds:
-            delattr(ds, keyword)
-
-
 def _delivery_folders(case_dir: Path) -> list[tuple[str, dict[str, str]]]:
     found = []
     for entry in sorted(case_dir.iterdir(), key=lambda e: e.name):
@@ -276,7 +167,7 @@ class MoquiInterpreter(Interpreter):
         case_dir = Path(case_dir)
         if not case_dir.is_dir():
             raise CaseRejected("the case folder does not exist or is not a folder")
-        ds = read_plan(_find_plan_file(case_dir))
+        ds = read_plan(find_plan_file(case_dir))
         ion_beams = ds.get("IonBeamSequence")
         if not ion_beams:
             raise CaseRejected("the RT Ion Plan has no IonBeamSequence (no beams); export the complete plan")
@@ -346,7 +237,7 @@ class MoquiInterpreter(Interpreter):
         case_dir = Path(case_dir)
         staging_dir = Path(staging_dir)
         settings: MoquiSettings = self.settings
-        plan_file = _find_plan_file(case_dir)
+        plan_file = find_plan_file(case_dir)
         if settings.deidentify:
             from pydicom.filebase import DicomBytesIO
 
@@ -422,26 +313,3 @@ class MoquiInterpreter(Interpreter):
         except ImportError:
             return ["pydicom is not installed; install mqi-moqui with its dependencies (pip install mqi-moqui)"]
         return []
-
-
-def save_dataset(ds: Any, target: Any) -> None:
-    """``ds.save_as`` for pydicom 2.4 and 3.x, keeping the file meta and transfer syntax."""
-    try:
-        ds.save_as(target, enforce_file_format=True)
-    except TypeError:  # pydicom 2.x
-        ds.save_as(target, write_like_original=False)
-
-
-def judge_log(text: str) -> LogVerdict:
-    """Judge a Moqui log (or its tail): failure markers win, then the success marker, else unknown."""
-    progress: Optional[float] = None
-    for match in _PROGRESS.finditer(text):
-        done, total = int(match.group(1)), int(match.group(2))
-        if total > 0:
-            progress = max(0.0, min(1.0, done / total))
-    for line in text.splitlines():
-        if any(marker in line for marker in FAILURE_MARKERS):
-            return LogVerdict("failure", line.strip()[:500], progress)
-    if SUCCESS_MARKER in text:
-        return LogVerdict("success", "", 1.0)
-    return LogVerdict("unknown", "", progress)

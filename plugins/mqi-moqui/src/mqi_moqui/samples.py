@@ -165,7 +165,7 @@ def generate_case(
     PlanInfo.txt, one ``*.ptn`` and one ``*.mgn`` file (``log_bytes`` bytes in all).
     ``_CASE_READY`` is written last when ``ready_marker``. ``case_id`` is only a folder name.
     """
-    from mqi_moqui.interpreter import save_dataset
+    from mqi_moqui.rtplan import save_dataset
 
     _check_case_id(case_id)
     if treatment_beams < 0 or setup_beams < 0:
