@@ -34,6 +34,7 @@ from mqi_framework.jobrunner import (
     process_start_time,
     read_pid_file,
 )
+from mqi_framework.logfields import from_job_key
 from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PluginContext
 from mqi_framework.safepath import safe_component
 
@@ -125,12 +126,12 @@ class LocalExecutor(Executor):
         job_dir = self.job_dir(spec.job_key)
         info = read_pid_file(job_dir)
         if info is not None and info["source"] == "pid":
-            log.info("job %s was started before: re-attaching", spec.job_key)
+            log.info("%s: started before: re-attaching", from_job_key(spec.job_key))
             return self._handle(spec.job_key, job_dir, info)
         job_dir.mkdir(parents=True, exist_ok=True)
         with self._start_lock(job_dir):
             if (job_dir / CLAIM_FILE).exists():  # started before (maybe by a worker that crashed)
-                log.info("job %s was started before: re-attaching", spec.job_key)
+                log.info("%s: started before: re-attaching", from_job_key(spec.job_key))
                 return self._wait_started(spec.job_key, job_dir, None)
             argv = [sys.executable, "-m", "mqi_framework.jobrunner", str(job_dir), "--workdir", spec.workdir,
                     "--grace", repr(float(self.settings.kill_grace_seconds))]
@@ -163,7 +164,7 @@ class LocalExecutor(Executor):
                     raise RuntimeError(f"job runner for {job_key} exited with {proc.returncode} before "
                                        f"starting the job; see {job_dir / RUNNER_LOG}")
             if time.monotonic() > deadline:
-                log.warning("job %s: the runner did not record its pid within %ss", job_key, START_TIMEOUT)
+                log.warning("%s: the runner did not record its pid within %ss", from_job_key(job_key), START_TIMEOUT)
                 return self._handle(job_key, job_dir, info)
             time.sleep(0.01)
 
