@@ -113,6 +113,11 @@ class PluginHost:
             try:
                 plugin = ep.load()
                 self.pm.register(plugin, name=ep.name)
+                unknown = self._unknown_hooks(plugin)
+                if unknown:  # check_pending() for this plugin alone: a typo must not break every command
+                    self.pm.unregister(plugin)
+                    raise PluginError(f"implements {', '.join(unknown)}, which no hookspec defines (a misspelt "
+                                      f"hook? see docs/hooks.md for the names)")
                 record.plugin = plugin
             except Exception as exc:  # one broken plugin must not take the host down
                 record.status = "failed"
@@ -126,6 +131,16 @@ class PluginHost:
                         f"plugin {ep.name!r} from {record.distribution} failed to load "
                         f"(MQI_STRICT_PLUGINS=1):\n{record.traceback}"
                     ) from exc
+
+    def _unknown_hooks(self, plugin: Any) -> list[str]:
+        """The hooks ``plugin`` implements that no hookspec defines (optional hooks aside)."""
+        unknown = []
+        for name, caller in vars(self.pm.hook).items():
+            if not isinstance(caller, pluggy.HookCaller) or caller.has_spec():
+                continue
+            if any(impl.plugin is plugin and not impl.optionalhook for impl in caller.get_hookimpls()):
+                unknown.append(name)
+        return sorted(unknown)
 
     def register(self, plugin: Any, name: Optional[str] = None) -> str:
         """Register a plugin object (module, class or instance) directly, e.g. in tests."""

@@ -115,6 +115,26 @@ def test_broken_plugin_is_reported_not_fatal(tmp_path):
     assert run_cli("--help", env=env).returncode == 0
 
 
+def test_a_misspelt_hook_in_an_installed_plugin_fails_that_plugin_only(tmp_path):
+    site = tmp_path / "site"
+    (site / "typoplugin").mkdir(parents=True)
+    (site / "typoplugin" / "__init__.py").write_text(
+        "from mqi_framework import hookimpl\n\n@hookimpl\ndef mqi_register_scaners(register):\n    pass\n")
+    dist = site / "typoplugin-2.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: site-typo\nVersion: 2.0\n")
+    (dist / "entry_points.txt").write_text("[mqi_framework.plugins]\nsite.typo = typoplugin\n")
+    env = {"PYTHONPATH": str(site)}
+    assert run_cli("--version", env=env).returncode == 0  # every command still works
+    listing = {item["name"]: item for item in json.loads(run_cli("--plugins", "--json", env=env, check=True).stdout)}
+    typo = listing["site.typo"]
+    assert typo["status"] == "failed" and typo["distribution"] == "site-typo"
+    assert "mqi_register_scaners" in typo["error"] and "no hookspec" in typo["error"]
+    assert listing["core.fs"]["status"] == "ok"
+    strict = run_cli("--plugins", env=dict(env, MQI_STRICT_PLUGINS="1"))
+    assert strict.returncode == 2 and "site.typo" in strict.stderr and "site-typo" in strict.stderr
+
+
 def test_case_state_changes_reach_plugins(tmp_path, mqi_pm, register_plugin):
     from mqi_framework.conductor import Conductor
     from mqi_framework.config import load_config
