@@ -261,6 +261,16 @@ class Host:
         """Delete dead letters (``None``: all); return the ids purged."""
         return self._dead_letter_action("purge", ids, actor or self.actor)
 
+    def backup(self, target: "Path | str") -> Path:
+        """A consistent copy of the state database at ``target`` (a file, or a folder for
+        ``state-<UTC time>.db``), safe while the host runs; returns the file written."""
+        from mqi_framework.store import backup
+
+        target = Path(target)
+        if target.is_dir():
+            target = target / time.strftime("state-%Y%m%dT%H%M%SZ.db", time.gmtime())
+        return backup(self.database_path, target)
+
     # ------------------------------------------------------------------ running the host
 
     def run_supervised(self, *, until: Any = None, poll_seconds: float = 0.5,

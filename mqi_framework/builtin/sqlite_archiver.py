@@ -4,8 +4,6 @@ SQLite backup API (safe while other processes write), verified, with retention."
 from __future__ import annotations
 
 import logging
-import os
-import sqlite3
 import time
 from pathlib import Path
 from typing import Optional
@@ -13,8 +11,8 @@ from typing import Optional
 import attrs
 
 from mqi_framework import hookimpl
-from mqi_framework.files import fsync_dir
 from mqi_framework.protocols import ArchiveResult, Archiver
+from mqi_framework.store.db import StoreError, backup
 
 log = logging.getLogger(__name__)
 PREFIX = "state-"
@@ -59,22 +57,10 @@ class SqliteArchiver(Archiver):
         while target.exists():
             n += 1
             target = self.backup_dir / f"{PREFIX}{stamp}-{n}.db"
-        part = target.with_name(target.name + ".part")
-        source = sqlite3.connect(f"file:{state_db}?mode=ro", uri=True, timeout=30)
         try:
-            dest = sqlite3.connect(part)
-            try:
-                source.backup(dest)
-                status = dest.execute("PRAGMA integrity_check").fetchone()[0]
-            finally:
-                dest.close()
-        finally:
-            source.close()
-        if status != "ok":
-            part.unlink(missing_ok=True)
-            raise RuntimeError(f"backup of {state_db} failed its integrity check: {status}")
-        os.replace(part, target)
-        fsync_dir(target.parent)
+            backup(state_db, target)
+        except StoreError as exc:
+            raise RuntimeError(str(exc)) from None
         removed = self._retention(keep=target)
         message = f"backed up to {target.name}; removed {len(removed)} old backup(s)"
         log.info("%s", message)

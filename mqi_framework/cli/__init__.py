@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from mqi_framework.cli import case_commands as cases
@@ -98,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cases.cmd_dlq)
+
+    p = sub.add_parser("backup", help="a consistent copy of the state database (safe while the host runs)")
+    p.add_argument("-o", "--output", type=Path, metavar="PATH",
+                   help="file or folder to write (default: <workspace>/backups/state-<UTC time>.db)")
+    add_config(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cases.cmd_backup)
 
     _add_plugin_commands(sub)
     return parser

@@ -1,4 +1,5 @@
-"""Commands that inspect and steer cases: ``cases``, ``case``, ``retry``, ``cancel``, ``status``, ``dlq``
+"""Commands that inspect and steer cases: ``cases``, ``case``, ``retry``, ``cancel``, ``status``, ``dlq``,
+``backup``
 (presentation of :class:`mqi_framework.api.Host` reads and actions)."""
 
 from __future__ import annotations
@@ -179,4 +180,23 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         print_json({verb: len(done)})
     else:
         print(f"{verb} {len(done)} message(s)")
+    return EXIT_OK
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from mqi_framework.api import StoreError
+
+    with open_host(args) as host:
+        target = args.output or host.workspace_path("backups")
+        if args.output is None:
+            target.mkdir(parents=True, exist_ok=True)
+        try:
+            written = host.backup(target)
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    if args.json:
+        print_json({"backup": str(written)})
+    else:
+        print(f"consistent copy of the state database written to {written}")
     return EXIT_OK

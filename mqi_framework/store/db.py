@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -125,3 +126,39 @@ def open_state(path: Path | str) -> sqlite3.Connection:
     conn = connect(path)
     migrate(conn)
     return conn
+
+
+def backup(state_db: Path | str, target: Path | str) -> Path:
+    """A consistent copy of the state database at ``target``, safe while other processes
+    write (the SQLite backup API copies the WAL's committed transactions too, which a plain
+    file copy would miss). Written to ``target.part``, checked with ``PRAGMA integrity_check``,
+    made durable and renamed; raises StoreError when the copy is not sound (no file is left)."""
+    from mqi_framework.files import fsync_dir, part_path
+
+    target = Path(target)
+    part = part_path(target)
+    part.unlink(missing_ok=True)
+    try:
+        source = sqlite3.connect(f"file:{Path(state_db)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise StoreError(f"state database {state_db} cannot be opened for a backup: {exc}") from None
+    try:
+        dest = sqlite3.connect(part)
+        try:
+            source.backup(dest)
+            status = dest.execute("PRAGMA integrity_check").fetchone()[0]
+        finally:
+            dest.close()
+    except sqlite3.Error as exc:
+        part.unlink(missing_ok=True)
+        raise StoreError(f"backup of {state_db} failed: {exc}") from None
+    finally:
+        source.close()
+    if status != "ok":
+        part.unlink(missing_ok=True)
+        raise StoreError(f"backup of {state_db} failed its integrity check: {status}")
+    with open(part, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(part, target)
+    fsync_dir(target.parent)
+    return target

@@ -76,3 +76,40 @@ def test_standin_curator(tmp_path):
     assert all(r.healthy and r.memory_free_mb == r.memory_total_mb for r in readings)
     assert len({r.uuid for r in readings}) == 3
     assert StandinCurator(StandinCuratorSettings(gpus=0), PluginContext(workspace=tmp_path)).check()
+
+
+def test_mqi_host_backup_copies_what_is_still_in_the_wal(tmp_path):
+    """A plain copy of state.db while the host runs misses the transactions that are still in
+    the WAL; `mqi-host backup` has them (issue 13.5)."""
+    import json
+    import shutil
+
+    from mqi_framework.testing import run_cli
+    from mqi_framework.workspace import fast_config, write_workspace
+
+    config = write_workspace(tmp_path / "ws", fast_config())
+    db = tmp_path / "ws" / "state.db"
+    writer = open_state(db)
+    writer.execute("PRAGMA wal_autocheckpoint = 0")  # as a busy host: the WAL is not folded back yet
+    writer.execute("INSERT INTO cases(uid, name, inbox, path, state, detected_at, updated_at, info) "
+                   "VALUES ('case-000001', 'n', '/in', '/in/n', 'detected', 1, 1, '{}')")
+    try:
+        shutil.copyfile(db, tmp_path / "plain.db")
+        plain = sqlite3.connect(tmp_path / "plain.db")
+        tables = {r[0] for r in plain.execute("SELECT name FROM sqlite_master")}
+        stale = "cases" not in tables or plain.execute("SELECT COUNT(*) FROM cases").fetchone()[0] == 0
+        plain.close()
+        assert stale  # the plain copy misses the case
+
+        proc = run_cli("backup", "-c", str(config), "--json")
+        assert proc.returncode == 0, proc.stderr
+        written = json.loads(proc.stdout)["backup"]
+        assert written.startswith(str(tmp_path / "ws" / "backups" / "state-"))
+        copy = sqlite3.connect(written)
+        assert copy.execute("SELECT uid FROM cases").fetchall() == [("case-000001",)]
+        copy.close()
+        target = tmp_path / "chosen.db"
+        assert run_cli("backup", "-c", str(config), "-o", str(target)).returncode == 0
+        assert target.is_file() and not (tmp_path / "chosen.db.part").exists()
+    finally:
+        writer.close()

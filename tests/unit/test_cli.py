@@ -7,7 +7,7 @@ import pytest
 from mqi_framework.testing import run_cli
 from mqi_framework.workspace import fast_config, starter_config_text, write_workspace
 
-SUBCOMMANDS = ["init", "check", "run", "worker", "cases", "case", "retry", "cancel", "dlq", "status", "demo"]
+SUBCOMMANDS = ["init", "check", "run", "worker", "cases", "case", "retry", "cancel", "dlq", "status", "backup", "demo"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
