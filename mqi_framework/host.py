@@ -5,11 +5,19 @@ Each process is ``python -m mqi_framework.cli worker NAME -c CONFIG`` in its own
 monitor restarts a process that exited or stopped heart-beating, with exponential
 backoff; every restart is logged, counted in the ``workers`` table and written to the
 audit log.
+
+The host owns its workers. Each gets SIGTERM when the host dies, however it dies (Linux
+parent-death signal), and the host records every child's pid and kernel start time in
+``<workspace>/host-children.json``: a host that starts after one that was SIGKILLed (or
+whose workers outlived it anyway) stops those leftovers before it starts its own, so two
+sets of workers never share a workspace. Detached jobs are not workers and are left alone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -17,11 +25,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import attrs
 
 from mqi_framework.config import LoadedConfig
+from mqi_framework.files import write_atomic
+from mqi_framework.jobrunner import process_start_time
 from mqi_framework.store import open_state, transaction
 from mqi_framework.store import records as rec
 from mqi_framework.worker import CONDUCTOR
@@ -29,6 +39,9 @@ from mqi_framework.worker import CONDUCTOR
 log = logging.getLogger(__name__)
 
 STABLE_AFTER_SECONDS = 60.0  # a process that ran this long gets its backoff reset
+CHILDREN_FILE = "host-children.json"
+LEFTOVER_GRACE_SECONDS = 10.0  # a leftover worker gets this long to drain after SIGTERM
+_PR_SET_PDEATHSIG = 1
 
 
 @attrs.define
@@ -69,9 +82,11 @@ class ProcessHost:
         with open(log_path, "ab") as out:
             env = dict(os.environ, **self.extra_env)
             child.proc = subprocess.Popen(self.command(child.name), stdin=subprocess.DEVNULL, stdout=out,
-                                          stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                                          stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                          preexec_fn=_die_with(os.getpid()))
         child.started_at = time.monotonic()
         child.restart_at = None
+        self._record_children()
         rec.worker_state(self.conn, child.name, "process", pid=child.proc.pid, state="starting", heartbeat=False)
         log.info("started %s (pid %d, log %s)", child.name, child.proc.pid, log_path)
 
@@ -96,6 +111,7 @@ class ProcessHost:
     def start(self) -> None:
         if getattr(self, "_lock", None) is None:
             self.lock()
+        self.stop_leftovers()
         for child in self.children.values():
             self.spawn(child)
 
@@ -161,6 +177,42 @@ class ProcessHost:
             rec.worker_state(self.conn, child.name, "process", pid=None, state="stopped", heartbeat=False)
         log.info("all processes stopped")
 
+    # ---------------------------------------------------------------- ownership of the workers
+
+    def _record_children(self) -> None:
+        children = {c.name: {"pid": c.proc.pid, "start_time": process_start_time(c.proc.pid)}
+                    for c in self.children.values() if c.proc is not None}
+        write_atomic(self.loaded.workspace / CHILDREN_FILE, json.dumps({"host": os.getpid(), "children": children}),
+                     mode=0o600)
+
+    def stop_leftovers(self) -> list[str]:
+        """Stop the workers a previous host of this workspace left running (called with the
+        lock held, so that host is gone); return their names. A recorded pid counts only
+        while its kernel start time is the recorded one (pids are reused)."""
+        try:
+            recorded = json.loads((self.loaded.workspace / CHILDREN_FILE).read_text())["children"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return []
+        alive = {name: int(c["pid"]) for name, c in recorded.items()
+                 if isinstance(c, dict) and c.get("start_time") and process_start_time(int(c["pid"])) == c["start_time"]}
+        for pid in alive.values():
+            _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + LEFTOVER_GRACE_SECONDS
+        while time.monotonic() < deadline and any(_alive(pid, recorded[n]["start_time"]) for n, pid in alive.items()):
+            time.sleep(0.1)
+        for name, pid in alive.items():
+            if _alive(pid, recorded[name]["start_time"]):
+                log.error("leftover %s (pid %d) did not stop within %.0fs: killing it", name, pid,
+                          LEFTOVER_GRACE_SECONDS)
+                _signal_group(pid, signal.SIGKILL)
+        if alive:
+            names = ", ".join(f"{n} (pid {p})" for n, p in sorted(alive.items()))
+            log.warning("stopped workers a previous host left running: %s", names)
+            with transaction(self.conn):
+                rec.add_event(self.conn, "host.leftovers_stopped", f"stopped workers a previous host left running: "
+                              f"{names}", actor="host")
+        return sorted(alive)
+
     @staticmethod
     def _kill_group(proc: subprocess.Popen, sig: int) -> None:
         # The child leads its own session; jobs it started detached have sessions of their own
@@ -195,3 +247,31 @@ def tail(path: Path, lines: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _die_with(host_pid: int) -> Any:
+    """A ``preexec_fn`` that makes the child get SIGTERM when the host dies (Linux), and exit
+    at once if the host is already gone. The setting is not inherited by what the child forks,
+    so detached jobs are not affected."""
+
+    def arm() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):  # not Linux: the leftover check on the next start still applies
+            return
+        if os.getppid() != host_pid:
+            os._exit(0)
+
+    return arm
+
+
+def _alive(pid: int, start_time: str) -> bool:
+    return process_start_time(pid) == start_time
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # a worker leads its own session
+    except (ProcessLookupError, PermissionError):
+        pass

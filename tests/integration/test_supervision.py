@@ -118,3 +118,60 @@ def test_a_second_host_on_the_same_workspace_is_refused(ws, host_factory):
     assert wait_until(lambda: worker_row(ws, "conductor").get("state") == "running", 30)
     second = ws.cli("run", timeout=30)
     assert second.returncode == 2 and "another mqi-host run" in second.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its reaper is gone for our purposes
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _worker_pids(ws: Workspace) -> dict[str, int]:
+    return {r["name"]: r["pid"] for r in ws.query("SELECT name, pid FROM workers WHERE state = 'running'")}
+
+
+def test_workers_stop_when_their_host_is_sigkilled(tmp_path, host_factory):
+    """Issue 13.2: no worker outlives its host (parent-death signal)."""
+    workspace = Workspace(tmp_path / "ws", fast_config())
+    host = host_factory(workspace=workspace)
+    expected = {"conductor", "scan", "prepare", "transfer", "execute", "postprocess", "curate"}
+    assert wait_until(lambda: expected <= set(_worker_pids(workspace)), 30), workspace.logs()
+    pids = _worker_pids(workspace)
+    os.kill(host.proc.pid, signal.SIGKILL)  # the host alone, as the OOM killer would
+    host.proc.wait()
+    assert wait_until(lambda: not any(_alive(p) for p in pids.values()), 40), \
+        {n: p for n, p in pids.items() if _alive(p)}
+
+
+def test_a_new_host_stops_the_workers_a_previous_host_left(tmp_path, host_factory):
+    """Issue 13.2: a worker that outlived its host (here started by hand, in its own session,
+    and recorded as the previous host's) is stopped before the new host starts its own, so
+    two scanners never share the workspace."""
+    from mqi_framework.jobrunner import process_start_time
+
+    workspace = Workspace(tmp_path / "ws", fast_config())
+    stray = subprocess.Popen([sys.executable, "-m", "mqi_framework.cli", "worker", "scan", "-c",
+                              str(workspace.config_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        assert wait_until(lambda: process_start_time(stray.pid) is not None
+                          and worker_row(workspace, "scan").get("pid") == stray.pid, 30)
+        (workspace.folder / "host-children.json").write_text(json.dumps(
+            {"host": 1, "children": {"scan": {"pid": stray.pid, "start_time": process_start_time(stray.pid)}}}))
+        host = host_factory(workspace=workspace)
+        stray.wait(timeout=30)  # stopped by the new host
+        assert wait_until(lambda: worker_row(workspace, "scan").get("pid") not in (None, stray.pid)
+                          and worker_row(workspace, "scan").get("state") == "running", 30)
+        events = [r[0] for r in workspace.query("SELECT message FROM events WHERE kind = 'host.leftovers_stopped'")]
+        assert events and f"scan (pid {stray.pid})" in events[0]
+        generate_case(workspace.inbox, "AFTER-LEFTOVER", seed=4)
+        assert wait_final(workspace, 1)["AFTER-LEFTOVER"]["state"] == "done"
+        assert host.stop() == 0
+    finally:
+        if stray.poll() is None:
+            os.killpg(stray.pid, signal.SIGKILL)
