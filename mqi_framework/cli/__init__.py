@@ -126,7 +126,7 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
         configure(p)
         p.set_defaults(func=run)
 
-    get_plugin_host().pm.hook.mqi_register_commands(register=register)
+    get_plugin_host().call_each("mqi_register_commands", register=register)  # a broken plugin spares --help
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -195,3 +195,18 @@ def test_every_registration_hook_registers_its_kind(kind, mqi_pm, register_plugi
     register_plugin(plugin, name=f"dummy-{kind}")
     assert mqi_pm.lookup(kind, f"test.{kind}") is cls
     assert mqi_pm.registry_errors == []
+
+
+def test_a_plugin_whose_command_registration_raises_spares_help_and_the_other_commands(tmp_path):
+    site = tmp_path / "site"
+    (site / "badcommands").mkdir(parents=True)
+    (site / "badcommands" / "__init__.py").write_text(
+        "from mqi_framework import hookimpl\n\n@hookimpl\ndef mqi_register_commands(register):\n"
+        "    raise RuntimeError('boom in register_commands')\n")
+    dist = site / "badcommands-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: badcommands\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[mqi_framework.plugins]\nsite.badcommands = badcommands\n")
+    proc = run_cli("--help", env={"PYTHONPATH": str(site)})
+    assert proc.returncode == 0 and "demo" in proc.stdout  # mqi-moqui's command is still there
+    assert "boom in register_commands" in proc.stderr  # and the failure is said, not hidden
