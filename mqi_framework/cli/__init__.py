@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -33,10 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mqi-host {__version__}")
     parser.add_argument("--plugins", action="store_true", help="list installed plugins and exit")
-    parser.add_argument("--json", action="store_true", help="machine-readable output (with --plugins)")
+    parser.add_argument("--json", action="store_true", dest="top_json",
+                        help="machine-readable output (with --plugins, or before a command that lists)")
     parser.add_argument("--strict", action="store_true", help="with --plugins: exit 1 when a plugin failed to load")
     parser.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    real_add_parser = sub.add_parser
+
+    def add_parser(name: str, **kw: object) -> argparse.ArgumentParser:
+        # `mqi-host CMD --help` starts with what the command does, as the overview says it
+        text = str(kw.get("help", ""))
+        kw.setdefault("description", text[:1].upper() + text[1:] + ("." if text and not text.endswith(".") else ""))
+        return real_add_parser(name, **kw)  # type: ignore[arg-type]
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("init", help="write a commented starter mqi.yaml and folders")
     p.add_argument("dir", nargs="?", default=".", help="folder to initialise (default: .)")
@@ -92,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cases.cmd_status)
 
     p = sub.add_parser("dlq", help="dead-lettered messages: list, replay, purge")
-    p.add_argument("action", choices=["list", "replay", "purge"])
+    p.add_argument("action", nargs="?", default="list", choices=["list", "replay", "purge"],
+                   help="list (the default), replay or purge")
     p.add_argument("ids", nargs="*", help="dead-letter ids (replay/purge)")
     p.add_argument("--all", action="store_true", help="replay/purge every dead letter")
     p.add_argument("--queue", help="list: only this queue")
@@ -140,7 +153,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.plugins:
+            args.json = args.top_json
             return setup.cmd_plugins(args)
+        if args.top_json:  # `mqi-host --json cases` means `mqi-host cases --json`
+            if hasattr(args, "json"):
+                args.json = True
+            elif getattr(args, "func", None):
+                raise UsageError(f"--json: `{args.command}` has no JSON output")
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_USAGE
@@ -150,6 +169,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BrokenPipeError:  # `mqi-host cases | head`: the reader left, as for any Unix tool
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes stdout at exit
+        return 128 + signal.SIGPIPE
     except Exception as exc:
         if debug:
             raise

@@ -14,6 +14,9 @@ from mqi_framework.cli.common import EXIT_FAILED, EXIT_OK, UsageError, load, ope
 
 def cmd_cases(args: argparse.Namespace) -> int:
     with open_host(args) as host:
+        if args.state and args.state not in host.case_states():
+            raise UsageError(f"--state: no case state {args.state!r}; the states are "
+                             f"{', '.join(host.case_states())} (see docs/states.md)")
         cases = host.cases(state=args.state, show_names=args.names)
     if args.json:
         print_json(cases)

@@ -51,30 +51,39 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    from mqi_framework import plugins
-    from mqi_framework.api import EVENTS_QUEUE, Host
+def _built_workers(loaded, host) -> tuple[list, list[str]]:
+    """Build every enabled worker's plugin with its validated settings, as its worker will:
+    ``([(name, plugin)], problems)``; each problem names its YAML key."""
     from mqi_framework.worker import build_worker_plugin
 
-    loaded = load(args)
-    print(f"config {loaded.path}: valid")
-    problems: list[str] = []
-    host = plugins.get_plugin_host()
-    for item in host.get_plugins():
-        if item["status"] == "failed":
-            print(f"warning: plugin {item['name']} ({item['distribution']}) failed to load: {item['error']}")
+    built, problems = [], []
     for name, worker in loaded.config.workers.items():
         if not worker.enabled:
             continue
         try:
-            impl = build_worker_plugin(loaded, name, host)
+            built.append((name, build_worker_plugin(loaded, name, host)))
         except Exception as exc:  # PluginError, ConfigError: both name the key
             problems.append(str(exc))
-            continue
+    return built, problems
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from mqi_framework import plugins
+    from mqi_framework.api import EVENTS_QUEUE, Host
+
+    loaded = load(args)
+    host = plugins.get_plugin_host()
+    for item in host.get_plugins():
+        if item["status"] == "failed":
+            print(f"warning: plugin {item['name']} ({item['distribution']}) failed to load: {item['error']}")
+    built, problems = _built_workers(loaded, host)
+    print(f"config {loaded.path}: " + ("valid" if not problems else "read; plugin settings have problems (below)"))
+    for name, impl in built:
+        plugin = loaded.config.workers[name].plugin
         for problem in impl.check():
-            problems.append(f"workers.{name} ({worker.plugin}): {problem}")
+            problems.append(f"workers.{name} ({plugin}): {problem}")
         for line in impl.check_info():
-            print(f"workers.{name} ({worker.plugin}): {line}")
+            print(f"workers.{name} ({plugin}): {line}")
         impl.close()
     try:
         with Host(loaded) as workspace_host:
@@ -98,21 +107,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_plugins_for(loaded) -> None:
-    """Refuse to start when a plugin the config uses is missing or broken."""
+def _refuse_broken_setup(loaded) -> None:
+    """Refuse to start, with the messages ``check`` gives, when a plugin the config uses is
+    missing or broken or its settings are wrong: a worker that cannot start would only
+    restart forever. (Reachability is not required: a GPU server that is down at start-up is
+    waited for, not refused.)"""
     from mqi_framework import plugins
 
-    host = plugins.get_plugin_host()
-    for name, worker in loaded.config.workers.items():
-        if worker.enabled:
-            host.lookup(loaded.worker_kind(name), worker.plugin, config_key=f"workers.{name}.plugin")
+    built, problems = _built_workers(loaded, plugins.get_plugin_host())
+    for _, impl in built:
+        impl.close()
+    if problems:
+        raise UsageError("the host was not started:\n  " + "\n  ".join(problems)
+                         + f"\n(mqi-host check -c {loaded.path} lists every problem)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mqi_framework.api import Host, WorkspaceBusy
 
     loaded = load(args)
-    _check_plugins_for(loaded)
+    _refuse_broken_setup(loaded)
     setup_logging(loaded.config.logging.level, args.debug)
 
     def started(log_dir: Path) -> None:

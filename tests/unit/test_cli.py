@@ -69,6 +69,20 @@ def test_missing_plugin_names_config_key(tmp_path):
         assert "workers.execute.plugin" in out and "ssh-not-installed" in out
 
 
+def test_run_refuses_a_plugin_settings_typo_with_the_message_check_gives(tmp_path):
+    """Issue 19: a typo under a plugin's settings stopped only that worker, which then
+    restarted forever; run now refuses to start, naming the key, as check does."""
+    data = fast_config()
+    data["workers"]["scan"]["settings"]["settle_secnds"] = 1
+    path = write_workspace(tmp_path, data)
+    check = run_cli("check", "-c", str(path), timeout=30)
+    run = run_cli("run", "-c", str(path), timeout=30)
+    assert check.returncode == 2 and run.returncode == 2, run.stdout + run.stderr
+    assert "workers.scan.settings.settle_secnds" in check.stdout
+    assert "workers.scan.settings.settle_secnds" in run.stderr and "not started" in run.stderr
+    assert not (tmp_path / "host.lock").exists() or not (tmp_path / "logs" / "scan.log").exists()
+
+
 def test_semantic_errors_are_reported_with_paths(tmp_path):
     data = fast_config()
     data["workflow"]["steps"][2]["command"] = "{python} {nonsense}"
@@ -135,3 +149,28 @@ def test_cli_import_stays_light():
     cumulative_us = [int(line.split("|")[1]) for line in proc.stderr.splitlines()[1:]
                      if line.split("|")[-1].strip() == "mqi_framework.cli"]
     assert cumulative_us and cumulative_us[0] < 300_000  # the CLI module with everything it imports
+
+
+def test_the_cli_behaves_like_the_unix_tools_people_know(tmp_path):
+    """Issue 19: a closed pipe is no error, a top-level --json is honoured, an unknown state is
+    an error, `dlq` alone lists, every subcommand's --help says what it does."""
+    import subprocess
+    import sys
+
+    path = write_workspace(tmp_path, fast_config())
+    assert run_cli("check", "-c", str(path)).returncode == 0
+    # the reader (`true`) is gone before the host writes a byte: every write meets a closed pipe
+    piped = subprocess.run(["bash", "-c", f"{sys.executable} -m mqi_framework.cli --plugins --json | true; "
+                                          "echo ${PIPESTATUS[0]}"], capture_output=True, text=True, timeout=60)
+    assert "BrokenPipeError" not in piped.stderr and "Traceback" not in piped.stderr, piped.stderr
+    assert piped.stdout.strip() == "141"  # 128 + SIGPIPE, as `cat` or `ls` would exit
+    top = run_cli("--json", "cases", "-c", str(path))
+    assert top.returncode == 0 and json.loads(top.stdout) == []
+    assert run_cli("--json", "run", "-c", str(path)).returncode == 2
+    bogus = run_cli("cases", "--state", "bogus", "-c", str(path))
+    assert bogus.returncode == 2 and "no case state 'bogus'" in bogus.stderr and "done" in bogus.stderr
+    assert run_cli("cases", "--state", "done", "-c", str(path)).returncode == 0
+    dlq = run_cli("dlq", "-c", str(path))
+    assert dlq.returncode == 0 and "empty" in dlq.stdout
+    helped = run_cli("status", "--help")
+    assert "Workers (heartbeats, restarts)" in helped.stdout
