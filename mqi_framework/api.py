@@ -227,13 +227,32 @@ class Host:
         """Dead-lettered messages, oldest first (:class:`~mqi_framework.broker.DeadLetter`)."""
         return self.broker().dlq_list(queue)
 
+    def host_pid(self) -> Optional[int]:
+        """The pid of the ``mqi-host run`` that holds this workspace's lock, None when no host
+        runs. Read from the kernel's lock table: asking never takes the lock, so it cannot
+        stop a host that is starting."""
+        lock = self.workspace / "host.lock"
+        try:
+            st = lock.stat()
+            table = Path("/proc/locks").read_text()
+        except OSError:
+            return None
+        for line in table.splitlines():
+            parts = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+            if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(st.st_ino):
+                return int(parts[4])
+        return None
+
     def status(self) -> dict:
-        """What ``mqi-host status`` shows: cases by state, workers, GPUs, the GPU queue, queues."""
+        """What ``mqi-host status`` shows: whether the host runs, cases by state, workers, GPUs,
+        the GPU queue, queues."""
         conn = self.reader()
         counts = views.counts_by_state(conn, "cases")
         attention = conn.execute("SELECT COUNT(*) FROM cases WHERE attention = 1").fetchone()[0]
         queues = self.queues()
-        return {"cases": counts, "attention": attention, "workers": self.workers(), "gpus": self.gpus(),
+        pid = self.host_pid()
+        return {"host": {"running": pid is not None, "pid": pid}, "cases": counts, "attention": attention, "workers": self.workers(), "gpus": self.gpus(),
                 "gpu_queue": self.gpu_queue(), "queues": {q.queue: q.depth for q in queues},
                 "dead_letters": sum(q.dead for q in queues)}
 

@@ -131,6 +131,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(status)
         return EXIT_OK
     now = time.time()
+    host = status["host"]
+    print(f"host:    running (pid {host['pid']})" if host["running"] else
+          "host:    NOT RUNNING (start it with mqi-host run; worker states below are from its last run)")
     print("cases:   " + (", ".join(f"{k} {v}" for k, v in sorted(status["cases"].items())) or "none")
           + (f"  ({status['attention']} need attention)" if status["attention"] else ""))
     print("workers:")

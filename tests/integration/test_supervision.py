@@ -175,3 +175,16 @@ def test_a_new_host_stops_the_workers_a_previous_host_left(tmp_path, host_factor
     finally:
         if stray.poll() is None:
             os.killpg(stray.pid, signal.SIGKILL)
+
+
+def test_status_says_whether_the_host_runs(tmp_path, host_factory):
+    """Issue 19: `status` with the host stopped said nothing about it."""
+    workspace = Workspace(tmp_path / "ws", fast_config())
+    host = host_factory(workspace=workspace)
+    assert wait_until(lambda: worker_row(workspace, "scan").get("state") == "running", 30)
+    running = json.loads(workspace.cli("status", "--json", check=True).stdout)["host"]
+    assert running == {"running": True, "pid": host.proc.pid}
+    assert f"host:    running (pid {host.proc.pid})" in workspace.cli("status", check=True).stdout
+    assert host.stop() == 0
+    assert json.loads(workspace.cli("status", "--json", check=True).stdout)["host"] == {"running": False, "pid": None}
+    assert "host:    NOT RUNNING" in workspace.cli("status", check=True).stdout
