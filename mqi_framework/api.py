@@ -211,14 +211,7 @@ class Host:
         (:class:`~mqi_framework.broker.QueueStats`), idle ones included."""
         from mqi_framework.broker import QueueStats
 
-        broker = self.broker()
-        if hasattr(broker, "queues"):
-            stats = list(broker.queues())
-        else:  # a backend without queues(): depths and dead letters only
-            dead: dict[str, int] = {}
-            for letter in broker.dlq_list():
-                dead[letter.queue] = dead.get(letter.queue, 0) + 1
-            stats = [QueueStats(q, broker.depth(q), 0, 0, 0, dead.get(q, 0)) for q in self.queue_names()]
+        stats = list(self.broker().queues())
         known = {q.queue for q in stats}
         stats += [QueueStats(q, 0, 0, 0, 0, 0) for q in self.queue_names() if q not in known]
         return sorted(stats, key=lambda q: q.queue)
@@ -252,9 +245,9 @@ class Host:
         attention = conn.execute("SELECT COUNT(*) FROM cases WHERE attention = 1").fetchone()[0]
         queues = self.queues()
         pid = self.host_pid()
-        return {"host": {"running": pid is not None, "pid": pid}, "cases": counts, "attention": attention, "workers": self.workers(), "gpus": self.gpus(),
-                "gpu_queue": self.gpu_queue(), "queues": {q.queue: q.depth for q in queues},
-                "dead_letters": sum(q.dead for q in queues)}
+        return {"host": {"running": pid is not None, "pid": pid}, "cases": counts, "attention": attention,
+                "workers": self.workers(), "gpus": self.gpus(), "gpu_queue": self.gpu_queue(),
+                "queues": {q.queue: q.depth for q in queues}, "dead_letters": sum(q.dead for q in queues)}
 
     # ------------------------------------------------------------------ actions
 

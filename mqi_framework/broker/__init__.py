@@ -17,11 +17,11 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-from .base import Broker, BrokerError, BrokerUnavailable, DeadLetter, Delivery, RetryPolicy, redact_url
+from .base import Broker, BrokerError, BrokerUnavailable, DeadLetter, Delivery, QueueStats, RetryPolicy, redact_url
 
 if TYPE_CHECKING:  # the backend modules are imported on first use
     from .rabbitmq import RabbitBroker
-    from .sqlite import QueueStats, SqliteBroker
+    from .sqlite import SqliteBroker
 
 __all__ = [
     "Broker",
@@ -85,7 +85,7 @@ def open_broker(url: str, *, retry: RetryPolicy = RetryPolicy(), lease_seconds: 
         try:
             from .rabbitmq import RabbitBroker
         except ImportError as exc:  # pika is a dependency; a broken install says so
-            raise BrokerError(f"the RabbitMQ backend needs pika (pip install 'pika>=1.3'): {exc}") from None
+            raise BrokerError(f"the RabbitMQ backend needs pika (pip install 'pika>=1.3,<1.5'): {exc}") from None
 
         return RabbitBroker(url, retry=retry, lease_seconds=lease_seconds, prefix=prefix, queues=queues)
     if url.startswith("sqlite:") or scheme is None:
@@ -96,7 +96,7 @@ def open_broker(url: str, *, retry: RetryPolicy = RetryPolicy(), lease_seconds: 
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("SqliteBroker", "QueueStats"):
+    if name == "SqliteBroker":
         from . import sqlite
 
         return getattr(sqlite, name)

@@ -79,6 +79,18 @@ def redact_url(url: str) -> str:
     return _USERINFO.sub(r"\1:***@", url)
 
 
+@attrs.frozen
+class QueueStats:
+    """One queue as :meth:`Broker.queues` sees it."""
+
+    queue: str
+    depth: int  # not yet acked: ready + delayed + leased
+    ready: int  # visible now
+    delayed: int  # waiting for a publish delay or a retry backoff
+    leased: int  # handed to a consumer, lease still running
+    dead: int  # dead letters of this queue
+
+
 class BrokerError(Exception):
     """The broker could not be reached or refused an operation (retryable by callers)."""
 
@@ -127,6 +139,10 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def depth(self, queue: str) -> int:
         """Messages on ``queue`` not yet acked (visible, delayed or leased)."""
+
+    @abc.abstractmethod
+    def queues(self) -> list[QueueStats]:
+        """Every queue the broker knows that holds messages or dead letters (for status pages)."""
 
     @abc.abstractmethod
     def dlq_list(self, queue: Optional[str] = None) -> list[DeadLetter]:

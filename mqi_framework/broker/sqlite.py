@@ -35,9 +35,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-import attrs
 
-from .base import Broker, BrokerError, DeadLetter, Delivery, RetryPolicy
+from .base import Broker, BrokerError, DeadLetter, Delivery, QueueStats, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +67,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_queue ON dead_letters (queue, id);
 """
-
-
-@attrs.frozen
-class QueueStats:
-    """One queue as seen by :meth:`SqliteBroker.queues` (belongs on the base class later)."""
-
-    queue: str
-    depth: int  # not yet acked: ready + delayed + leased
-    ready: int  # visible now
-    delayed: int  # waiting for a publish delay or a retry backoff
-    leased: int  # handed to a consumer, lease still running
-    dead: int  # dead letters of this queue
 
 
 class SqliteBroker(Broker):
@@ -362,10 +349,7 @@ class SqliteBroker(Broker):
             return conn.execute("SELECT COUNT(*) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
 
     def queues(self) -> list[QueueStats]:
-        """Every queue with live messages or dead letters, by name (for CLI and dashboard).
-
-        Not part of the :class:`Broker` contract yet; it should move to the base class.
-        """
+        """Every queue with live messages or dead letters, by name (for CLI and dashboard)."""
         self._sweep()
         now = time.time()
         with self._read() as conn:

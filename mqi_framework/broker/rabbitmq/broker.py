@@ -22,7 +22,7 @@ from typing import Any, Iterable, Optional
 
 import pika
 
-from ..base import Broker, BrokerError, BrokerUnavailable, DeadLetter, Delivery, RetryPolicy, redact_url
+from ..base import Broker, BrokerError, BrokerUnavailable, DeadLetter, Delivery, QueueStats, RetryPolicy, redact_url
 from .deadletters import DeadLetterQueues, dead_letter_headers
 from .link import (BACKOFF_FIRST, BACKOFF_MAX, LINK_ERRORS, Connections, Link, ThreadState, connection_parameters,
                    describe, split_url)
@@ -338,9 +338,8 @@ class RabbitBroker(Broker):
         return sorted(set(self._known) | self._used)
 
     def queues(self) -> list:
-        """Known and used queues that exist, as :class:`~mqi_framework.broker.sqlite.QueueStats`
+        """Known and used queues that exist, as :class:`~mqi_framework.broker.base.QueueStats`
         (``leased`` is always 0: RabbitMQ does not report it over AMQP)."""
-        from ..sqlite import QueueStats
 
         def run(link: Link) -> list:
             out = []
