@@ -184,7 +184,7 @@ def bench_config(url: str, prefix: str, steps: int) -> dict:
 def orchestrate(url: str, backend: str, mode: str, cases: int, steps: int) -> float:
     """Milliseconds per workflow step, cases run one after the other."""
     from mqi_framework.config import load_config
-    from mqi_framework.conductor import EVENTS_QUEUE
+    from mqi_framework.kinds import EVENTS_QUEUE
     from mqi_framework.plugins import PluginHost
     from mqi_framework.store import connect, open_state
     from mqi_framework.worker import WorkerRuntime, make_broker
@@ -255,7 +255,7 @@ def orchestrate(url: str, backend: str, mode: str, cases: int, steps: int) -> fl
             for rt in runtimes:
                 rt.close()
             if backend == "rabbitmq":
-                from mqi_framework.conductor import command_queue
+                from mqi_framework.kinds import command_queue
 
                 for queue in [EVENTS_QUEUE] + [command_queue(n) for n in loaded.config.workers]:
                     injector.delete_queue(queue)  # type: ignore[attr-defined]

@@ -13,38 +13,42 @@ Case states (``docs/states.md``): ``detected`` → one state per workflow step (
 Beam states: ``missing`` (no delivery yet), ``pending``, ``queued`` (waiting for a GPU),
 the label of the per-beam step it is in, ``waiting`` (between per-beam steps),
 ``retrying``, and final ``done``, ``failed``, ``cancelled``.
+
+What the conductor tells workers (``run_step``, ``cancel_step``) is rendered by
+:mod:`mqi_framework.command_render`, written and relayed by :mod:`mqi_framework.outbox`;
+what follows a failed attempt is :mod:`mqi_framework.retry_policy`. Every attempt the
+conductor gives up while it is in flight (a case cancel, an attempt no worker started) is
+also a ``cancel_step`` to its worker, in the same transaction.
+
+Why this module is over 400 lines: what is left is one reason, the state machine. The
+event handlers, the steering requests (cancel, retry) and the housekeeping of ``tick()``
+all move the same case, beam and step states inside one transaction each, through the
+same helpers (``_advance``, ``_dispatch``, ``_set_case``); splitting them would put the
+transitions of one state in several files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import posixpath
 import random
-import shlex
 import sqlite3
-import sys
 import time
-import uuid
-from pathlib import Path
 from typing import Any, Callable, Optional
 
+from mqi_framework import command_render, outbox, retry_policy
 from mqi_framework.broker.base import Broker
 from mqi_framework.config import LoadedConfig, StepConfig
+from mqi_framework.kinds import EVENTS_QUEUE, command_queue
 from mqi_framework.store import transaction
 from mqi_framework.store import records as rec
 
 log = logging.getLogger(__name__)
 
-EVENTS_QUEUE = "mqi.events"
 FINAL = rec.FINAL_CASE_STATES
 IN_FLIGHT = rec.IN_FLIGHT_STEP_STATES
 BOOKKEEPING_DAYS = 7.0  # sent outbox rows and remembered event ids are kept this long
 GPU_RECONCILE_GRACE_SECONDS = 60.0  # a GPU held by a step not in flight is freed after this
-
-
-def command_queue(worker: str) -> str:
-    return f"mqi.{worker}"
 
 
 class ConductorError(Exception):
@@ -126,40 +130,42 @@ class Conductor:
             if now - self._last_prune > 3600:
                 self._last_prune = now
                 horizon = now - BOOKKEEPING_DAYS * 86400
-                self.conn.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?", (horizon,))
+                outbox.prune(self.conn, horizon)
                 self.conn.execute("DELETE FROM processed_messages WHERE at < ?", (horizon,))
         self._flush_notifications()
 
     def _reconcile_unstarted(self, now: float) -> None:
         """A command no worker started within every lease and retry it had (dead-lettered,
         or its queue has no worker) fails its attempt, so its GPU is released and the
-        step's retry policy applies, instead of holding the case forever."""
+        step's retry policy applies, instead of holding the case forever. Not while events
+        wait in the queue (one may be that attempt's start), and never without telling the
+        worker: a ``cancel_step`` kills the job if it started after all."""
         broker = self.cfg.broker
         grace = broker.lease_seconds * (broker.max_attempts + 1) + 60
-        for row in self.conn.execute(
-            "SELECT s.id, s.attempt FROM steps s JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempt "
+        rows = self.conn.execute(
+            "SELECT s.* FROM steps s JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempt "
             "WHERE s.job IS NULL AND s.state IN ('dispatched', 'cancelling') AND a.dispatched_at < ?", (now - grace,)
-        ).fetchall():
-            self._on_step_finished({
-                "type": "step.finished", "step_id": row["id"], "attempt": row["attempt"], "outcome": "failed",
-                "worker": "conductor",
-                "message": f"no worker started it within {grace:.0f}s (dead-lettered? see `mqi-host dlq list`)",
-            })
+        ).fetchall()
+        if not rows or self._events_waiting():
+            return
+        for row in rows:
+            message = f"no worker started it within {grace:.0f}s (dead-lettered? see `mqi-host dlq list`)"
+            self._cancel_attempt(row, message)
+            self._on_step_finished({"type": "step.finished", "step_id": row["id"], "attempt": row["attempt"],
+                                    "outcome": "failed", "worker": "conductor", "message": message})
+
+    def _events_waiting(self) -> bool:
+        if self.broker is None:
+            return False
+        try:
+            return self.broker.depth(EVENTS_QUEUE) > 0
+        except Exception as exc:  # cannot tell: wait for a tick that can
+            log.warning("cannot read the depth of %s (%s); reconciling later", EVENTS_QUEUE, exc)
+            return True
 
     def relay_outbox(self, limit: int = 500) -> int:
         """Publish unsent outbox rows (each confirmed by the broker), then mark them sent."""
-        if self.broker is None:
-            return 0
-        rows = self.conn.execute(
-            "SELECT id, queue, message_id, body FROM outbox WHERE sent_at IS NULL ORDER BY id LIMIT ?", (limit,)
-        ).fetchall()
-        sent = 0
-        for row in rows:
-            self.broker.publish(row["queue"], json.loads(row["body"]), message_id=row["message_id"])
-            # A crash right here re-sends the message: consumers treat duplicates as no-ops.
-            self.conn.execute("UPDATE outbox SET sent_at = ? WHERE id = ?", (self.clock(), row["id"]))
-            sent += 1
-        return sent
+        return 0 if self.broker is None else outbox.relay(self.conn, self.broker, self.clock(), limit)
 
     # ---------------------------------------------------------------- steering
 
@@ -172,6 +178,9 @@ class Conductor:
             now = self.clock()
             self.conn.execute("UPDATE steps SET state = 'cancelled', finished_at = ? WHERE case_id = ? "
                               "AND state IN ('pending', 'queued', 'waiting')", (now, case["id"]))
+            for row in self.conn.execute("SELECT * FROM steps WHERE case_id = ? AND state IN ('dispatched', 'running')",
+                                         (case["id"],)).fetchall():
+                self._cancel_attempt(row, f"case cancelled by {actor}")
             self.conn.execute("UPDATE steps SET state = 'cancelling' WHERE case_id = ? "
                               "AND state IN ('dispatched', 'running')", (case["id"],))
             rec.add_event(self.conn, "case.cancel", "cancel requested", case_id=case["id"], actor=actor)
@@ -274,6 +283,8 @@ class Conductor:
             return
         now = self.clock()
         outcome = body.get("outcome", "failed")
+        if outcome == "failed" and body.get("unreachable") and not body.get("permanent"):
+            outcome = "unreachable"  # the worker could not reach its host: see "Retries" in docs/concepts.md
         message = str(body.get("message", ""))[:2000]
         exit_code = body.get("exit_code")
         step = self.steps[row["step_index"]]
@@ -313,12 +324,17 @@ class Conductor:
             self._finish_step(row, "failed", message, exit_code)
             self.conn.execute("UPDATE cases SET attention = 1 WHERE id = ?", (case["id"],))
             self._set_case(case, "rejected", message, final=True)
-        else:  # failed: retry with backoff while the step's budget lasts
-            if row["attempt"] < row["max_attempt"] and not body.get("permanent"):
-                delay = self._backoff(step, row["attempt"])
+        else:  # failed or unreachable: the step's retry policy decides
+            decision = retry_policy.decide(self.conn, row, step.retry, outcome=outcome,
+                                           permanent=bool(body.get("permanent")), now=now, rng=self.rng)
+            if decision.free:  # this attempt does not count against retry.max_attempts
+                self.conn.execute("UPDATE steps SET max_attempt = max_attempt + 1 WHERE id = ?", (row["id"],))
+            if decision.retry:
                 self.conn.execute("UPDATE steps SET state = 'waiting', next_attempt_at = ?, message = ?, exit_code = ?, "
-                                  "job = NULL WHERE id = ?", (now + delay, message, exit_code, row["id"]))
-                rec.add_event(self.conn, "step.retry_scheduled", f"attempt {row['attempt'] + 1} in {delay:.1f}s",
+                                  "job = NULL WHERE id = ?", (now + decision.delay, message, exit_code, row["id"]))
+                note = f" ({decision.note})" if decision.note else ""
+                rec.add_event(self.conn, "step.retry_scheduled",
+                              f"attempt {row['attempt'] + 1} in {decision.delay:.1f}s{note}",
                               case_id=row["case_id"], beam=beam, step=row["name"])
                 if beam:
                     self._set_beam(row["case_id"], beam, "retrying", message)
@@ -430,7 +446,13 @@ class Conductor:
                     self._set_beam(case["id"], beam, "queued", "waiting for a free GPU")
                 return
         attempt = row["attempt"] + 1
-        body = self._command(case, index, step, row, attempt, gpu)
+        input_rel = None
+        if beam:
+            found = self.conn.execute("SELECT input_rel FROM beams WHERE case_id = ? AND number = ?",
+                                      (case["id"], beam)).fetchone()
+            input_rel = found[0] if found is not None else None
+        body = command_render.run_step(self.loaded, case, index, step, row["id"], attempt, beam=beam,
+                                       input_rel=input_rel, gpu=gpu)
         now = self.clock()
         self.conn.execute(
             "UPDATE steps SET state = 'dispatched', attempt = ?, next_attempt_at = NULL, command = ?, job = NULL, "
@@ -439,51 +461,20 @@ class Conductor:
         )
         self.conn.execute("INSERT INTO attempts(step_id, attempt, dispatched_at) VALUES (?, ?, ?)",
                           (row["id"], attempt, now))
-        self.conn.execute("INSERT INTO outbox(queue, message_id, body, created_at) VALUES (?, ?, ?, ?)",
-                          (command_queue(step.worker), uuid.uuid4().hex, json.dumps(body), now))
+        self._send(step.worker, body)
         if beam:
             self._set_beam(case["id"], beam, step.label, "")
         rec.add_event(self.conn, "step.dispatched",
                       f"attempt {attempt}" + (f" on GPU {gpu['host']}:{gpu['idx']}" if gpu is not None else ""),
                       case_id=case["id"], beam=beam, step=step.name)
 
-    def _command(self, case: sqlite3.Row, index: int, step: StepConfig, row: sqlite3.Row, attempt: int,
-                 gpu: Optional[sqlite3.Row]) -> dict:
-        uid = case["uid"]
-        case_dir = posixpath.join(self.loaded.remote_root.replace("\\", "/"), uid)
-        staging_dir = str(self.loaded.workspace / "staging" / uid)
-        results_dir = str(self.loaded.workspace / "results" / uid)
-        values: dict[str, Any] = dict(self.cfg.workflow.vars)
-        values.update(python=sys.executable, case=uid, case_dir=case_dir, staging_dir=staging_dir,
-                      results_dir=results_dir, attempt=attempt)
-        beam = row["beam_number"] or None
-        if beam:
-            b = self.conn.execute("SELECT * FROM beams WHERE case_id = ? AND number = ?", (case["id"], beam)).fetchone()
-            input_rel = b["input_rel"] or f"beam_{beam}/input"
-            beam_rel = posixpath.dirname(input_rel)
-            values.update(beam=beam, beam_dir=posixpath.join(case_dir, beam_rel),
-                          input_file=posixpath.join(case_dir, input_rel),
-                          local_beam_dir=str(Path(results_dir) / beam_rel))
-        if gpu is not None:
-            values["gpu"] = gpu["idx"]
-        body: dict[str, Any] = {
-            "type": "run_step", "step_id": row["id"], "attempt": attempt, "case": uid, "case_id": case["id"],
-            "beam": beam, "step": step.name, "step_index": index, "worker": step.worker,
-            "job_key": f"{uid}-{step.name}-b{beam or 0}-a{attempt}",
-            "case_path": case["path"], "inbox": case["inbox"], "staging_dir": staging_dir,
-            "remote_dir": case_dir, "results_dir": results_dir, "direction": step.direction,
-            "timeout": step.timeout_seconds, "log_rules": step.log_rules,
-        }
-        if step.command:
-            quoted = {k: shlex.quote(str(v)) for k, v in values.items()}
-            body["command"] = step.command.format_map(quoted)
-            raw = {k: str(v) for k, v in values.items()}
-            body["workdir"] = (step.workdir or ("{beam_dir}" if beam else "{case_dir}")).format_map(raw)
-            body["env"] = {k: v.format_map(raw) for k, v in step.env.items()}
-            body["outputs"] = [o.format_map(raw) for o in step.outputs]
-        if gpu is not None:
-            body["gpu"] = {"host": gpu["host"], "index": gpu["idx"], "uuid": gpu["uuid"]}
-        return body
+    def _send(self, worker: str, body: dict) -> None:
+        outbox.write(self.conn, command_queue(worker), body, self.clock())
+
+    def _cancel_attempt(self, row: sqlite3.Row, reason: str) -> None:
+        """Tell the step's worker that its current attempt is given up (``cancel_step``)."""
+        if row["command"]:
+            self._send(row["worker"], command_render.cancel_step(json.loads(row["command"]), reason))
 
     # ================================================================ helpers
 
@@ -545,10 +536,6 @@ class Conductor:
         if number:
             self.conn.execute("UPDATE beams SET state = ?, message = ?, updated_at = ? WHERE case_id = ? AND number = ?",
                               (state, message, self.clock(), case_id, number))
-
-    def _backoff(self, step: StepConfig, attempt: int) -> float:
-        raw = min(step.retry.max_backoff_seconds, step.retry.backoff_seconds * (2 ** max(0, attempt - 1)))
-        return raw * self.rng.uniform(0.5, 1.0)
 
     def _count_steps(self, case_id: int, states: tuple[str, ...]) -> int:
         return self.conn.execute(

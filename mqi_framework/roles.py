@@ -2,19 +2,27 @@
 plugin calls. The runtime (:mod:`mqi_framework.worker`) drives a role: ``handle()`` for each
 command message, ``tick()`` every ``interval_seconds``.
 
-Every role reports back with events on ``mqi.events``; the conductor owns the state.
-A command whose step was cancelled or superseded meanwhile is dropped, never run.
+Every role reports back with events on ``mqi.events``; the conductor owns the state, and a
+role never reads the conductor's tables: a command carries what the role needs
+(:mod:`mqi_framework.command_render`), and what a role must remember across a restart is in
+its worker's own ledger (:mod:`mqi_framework.ledger`). Two commands reach a role:
+``run_step`` and ``cancel_step``. A ``run_step`` whose attempt was cancelled first (a
+tombstone in the ledger) is dropped and reported cancelled, never run; one whose attempt
+this worker already finished (a re-delivery) is dropped.
+
+What a worker still writes into the state database is its own: its heartbeat row
+(``workers``, see :mod:`mqi_framework.host`) and, for a curator, its GPU readings
+(``resources``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mqi_framework import protocols as p
+from mqi_framework import logfields, protocols as p
 from mqi_framework.safepath import is_within
 
 log = logging.getLogger(__name__)
@@ -23,25 +31,37 @@ Report = Callable[..., None]
 
 
 def fields(body: dict) -> str:
-    """The structured prefix of every log line about a step: case, beam, step, attempt."""
-    beam = f" beam={body['beam']}" if body.get("beam") else ""
-    return f"case={body.get('case')}{beam} step={body.get('step')} attempt={body.get('attempt')}"
+    """The structured prefix of every log line about a step (:func:`logfields.from_command`)."""
+    return logfields.from_command(body)
 
 
 PermanentError = p.PermanentError  # retrying cannot help: the step fails at once
 
 
 class Role:
-    """Base: no queue, no tick."""
-
-    consumes = False
+    """Base: takes no commands, does nothing on a tick."""
 
     def __init__(self, runtime: Any, impl: p.Plugin) -> None:
         self.runtime = runtime
         self.impl = impl
         self.report: Report = runtime.report
 
-    def handle(self, body: dict) -> None:  # pragma: no cover - roles that consume override it
+    @property
+    def ledger(self) -> Any:
+        return self.runtime.ledger
+
+    def handle(self, body: dict) -> None:
+        """One command: ``run_step`` runs (:meth:`run`), ``cancel_step`` gives an attempt up."""
+        kind = body.get("type", "run_step")
+        if kind == "cancel_step":
+            self.cancel(body)
+        elif kind == "run_step":
+            if self.accept(body):
+                self.run(body)
+        else:
+            raise PermanentError(f"worker {self.runtime.name} does not know commands of type {kind!r}")
+
+    def run(self, body: dict) -> None:  # pragma: no cover - roles that consume override it
         raise PermanentError(f"worker {self.runtime.name} does not take commands")
 
     def tick(self) -> None:
@@ -52,54 +72,60 @@ class Role:
 
     # -- helpers shared by command-taking roles
 
-    def current_state(self, body: dict) -> Optional[str]:
-        """The step's state if the command is still its current attempt, else None."""
-        row = self.runtime.conn.execute("SELECT state, attempt FROM steps WHERE id = ?", (body["step_id"],)).fetchone()
-        if row is None or row["attempt"] != body["attempt"]:
-            return None
-        return row["state"]
-
     def accept(self, body: dict) -> bool:
-        """True when the command should run; reports cancellation of a cancelled step."""
-        state = self.current_state(body)
-        if state in ("dispatched", "running"):
-            return True
-        if state == "cancelling":
+        """True when the ``run_step`` should run: not cancelled, not already finished here."""
+        step_id, attempt = body["step_id"], body["attempt"]
+        if self.ledger.is_cancelled(step_id, attempt):
             self.finished(body, "cancelled", "cancelled before it started")
-        else:
-            log.info("%s: superseded command dropped (step is %s now)", fields(body), state)
-        return False
-
-    def begin(self, body: dict, **extra: Any) -> bool:
-        """Accept the command and report its start; False when it must not run."""
-        if not self.accept(body):
             return False
-        self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time(), **extra)
-        log.info("%s: started", fields(body))
+        if self.ledger.is_finished(step_id, attempt):
+            log.info("%s: dropped: this attempt was already run and reported here", fields(body))
+            return False
         return True
 
+    def cancel(self, body: dict) -> None:
+        """A ``cancel_step``: remember it, so that its ``run_step`` is never run, and report
+        the attempt cancelled (the worker is not running it: it takes one message at a time)."""
+        step_id, attempt = body["step_id"], body["attempt"]
+        self.ledger.cancel(step_id, attempt)
+        if not self.ledger.is_finished(step_id, attempt):
+            self.finished(body, "cancelled", "cancelled before it started")
+
+    def begin(self, body: dict, **extra: Any) -> None:
+        """Report the start of an accepted command."""
+        self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time(), **extra)
+        log.info("%s: started", fields(body))
+
     def finished(self, body: dict, outcome: str, message: str = "", **extra: Any) -> None:
+        """Report the attempt's final outcome, then remember that it was reported."""
         self.report("step.finished", step_id=body["step_id"], attempt=body["attempt"], outcome=outcome,
                     message=message, **extra)
+        self.ledger.finish(body["step_id"], body["attempt"], outcome)
         (log.info if outcome == "ok" else log.warning)("%s: %s%s", fields(body), outcome,
                                                           f" ({message})" if message else "")
 
 
 class ScanRole(Role):
-    """Announces ready case folders (the conductor deduplicates by folder name)."""
+    """Announces ready case folders once (the conductor deduplicates by folder name, too);
+    the names announced are remembered in the ledger, so a restart does not repeat them."""
 
     def __init__(self, runtime: Any, impl: p.Scanner) -> None:
         super().__init__(runtime, impl)
-        self.announced: set[str] = set()
+        self.announced: set[str] = self.ledger.announced()
 
     def tick(self) -> None:
-        known = {r[0] for r in self.runtime.conn.execute("SELECT name FROM cases")}
+        listed: list[str] = []
         for candidate in self.impl.scan():
-            if not candidate.ready or candidate.case_id in known or candidate.case_id in self.announced:
+            listed.append(candidate.case_id)
+            if not candidate.ready or candidate.case_id in self.announced:
                 continue
             self.report("case.seen", name=candidate.case_id, path=str(candidate.path), inbox=str(candidate.inbox),
                         reason=candidate.reason)
+            self.ledger.announce(candidate.case_id)
             self.announced.add(candidate.case_id)
+        if self.announced - set(listed):  # folders gone from the inbox: forget their names
+            self.ledger.forget_except(listed)
+            self.announced &= set(listed)
 
 
 class CurateRole(Role):
@@ -163,11 +189,8 @@ class ServiceRole(Role):
 class PrepareRole(Role):
     """Interprets a case folder and writes the per-beam inputs into staging."""
 
-    consumes = True
-
-    def handle(self, body: dict) -> None:
-        if not self.begin(body):
-            return
+    def run(self, body: dict) -> None:
+        self.begin(body)
         case_dir = Path(body["case_path"])
         inbox = Path(body["inbox"])
         if case_dir.is_symlink() or not is_within(inbox, case_dir) or not case_dir.is_dir():
@@ -198,11 +221,8 @@ class PrepareRole(Role):
 class TransferRole(Role):
     """Uploads the staging tree or downloads results, reporting progress."""
 
-    consumes = True
-
-    def handle(self, body: dict) -> None:
-        if not self.begin(body):
-            return
+    def run(self, body: dict) -> None:
+        self.begin(body)
         last = [0.0]
 
         def progress(pr: p.TransferProgress) -> None:
@@ -223,60 +243,52 @@ class TransferRole(Role):
 
 
 class ExecuteRole(Role):
-    """Starts jobs detached, then polls them on every tick; re-attaches after a restart."""
-
-    consumes = True
+    """Starts jobs detached and remembers them in the ledger, then polls them on every tick
+    until each is final; after a restart it re-attaches to the ledger's open jobs. A
+    ``cancel_step`` kills the attempt's job if it runs."""
 
     def __init__(self, runtime: Any, impl: p.Executor) -> None:
         super().__init__(runtime, impl)
         self.interpreter: Optional[p.Interpreter] = None
-        self.started: dict[int, tuple[dict, p.JobHandle]] = {}  # jobs whose start the conductor may not know yet
-        self.reported: set[tuple[int, int]] = set()
-        self.last_progress: dict[int, float] = {}
+        self.last_progress: dict[tuple[int, int], float] = {}
 
     def _interpreter(self) -> p.Interpreter:
         if self.interpreter is None:
             self.interpreter = self.runtime.build_interpreter()
         return self.interpreter
 
-    def handle(self, body: dict) -> None:
-        if not self.accept(body):
+    def run(self, body: dict) -> None:
+        known = self.ledger.job(body["step_id"], body["attempt"])
+        if known is not None:  # a re-delivery of a command whose job runs: tell its start again
+            self._started(body, known[1], again=True)
             return
         spec = p.JobSpec(job_key=body["job_key"], command=body["command"], workdir=body["workdir"],
                          timeout=body.get("timeout"), env=dict(body.get("env") or {}), gpu=body.get("gpu"))
-        handle = self.impl.start(spec)
-        self.started[body["step_id"]] = (body, handle)
+        handle = self.impl.start(spec)  # idempotent by job key: a second start re-attaches
+        self.ledger.job_started(body, handle)
+        self._started(body, handle)
+
+    def _started(self, body: dict, handle: p.JobHandle, *, again: bool = False) -> None:
         self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time(),
                     job={"executor": handle.executor, "job_key": handle.job_key, "data": handle.data})
-        log.info("%s: job %s started detached", fields(body), handle.job_key)
+        log.info("%s: job %s %s", fields(body), handle.job_key, "still runs" if again else "started detached")
 
-    def _running(self) -> dict[int, tuple[dict, p.JobHandle, str]]:
-        jobs: dict[int, tuple[dict, p.JobHandle, str]] = {}
-        rows = self.runtime.conn.execute(
-            "SELECT id, attempt, state, command, job FROM steps WHERE worker = ? AND job IS NOT NULL "
-            "AND state IN ('running', 'cancelling')", (self.runtime.name,)).fetchall()
-        for row in rows:
-            job = json.loads(row["job"])
-            jobs[row["id"]] = (json.loads(row["command"]), p.JobHandle(job["executor"], job["job_key"], job["data"]),
-                               row["state"])
-        for step_id, (body, handle) in list(self.started.items()):
-            state = self.current_state(body)
-            if state is None or state not in ("dispatched", "running", "cancelling"):
-                self.started.pop(step_id)
-                continue
-            if state != "dispatched":
-                self.started.pop(step_id)  # the conductor knows it now: the query above covers it
-            jobs.setdefault(step_id, (body, handle, state))
-        return jobs
+    def cancel(self, body: dict) -> None:
+        known = self.ledger.job(body["step_id"], body["attempt"])
+        if known is None:
+            super().cancel(body)
+            return
+        self.ledger.cancel(body["step_id"], body["attempt"])
+        self._kill(*known)
+
+    def _kill(self, body: dict, handle: p.JobHandle) -> None:
+        self.impl.kill(handle)
+        self._final(body, "cancelled", "killed on cancel", handle)
 
     def tick(self) -> None:
-        for step_id, (body, handle, state) in self._running().items():
-            key = (step_id, body["attempt"])
-            if key in self.reported:
-                continue
-            if state == "cancelling":
-                self.impl.kill(handle)
-                self._final(body, "cancelled", "killed on cancel", handle)
+        for body, handle in self.ledger.open_jobs():
+            if self.ledger.is_cancelled(body["step_id"], body["attempt"]):
+                self._kill(body, handle)  # a kill that failed when the cancel came is tried again
                 continue
             status = self.impl.poll(handle)
             if status.state == "running":
@@ -308,9 +320,10 @@ class ExecuteRole(Role):
 
     def _progress(self, body: dict, handle: p.JobHandle) -> None:
         now = time.monotonic()
-        if now - self.last_progress.get(body["step_id"], 0.0) < 1.0:
+        key = (body["step_id"], body["attempt"])
+        if now - self.last_progress.get(key, 0.0) < 1.0:
             return
-        self.last_progress[body["step_id"]] = now
+        self.last_progress[key] = now
         reported = self.impl.progress(handle)
         if reported is None and body.get("log_rules"):
             verdict = self._interpreter().parse_log(self.impl.read_log(handle, 16384))
@@ -327,18 +340,4 @@ class ExecuteRole(Role):
         except Exception:  # the log is a courtesy; the verdict is already made
             log.debug("could not read log tail", exc_info=True)
         self.finished(body, outcome, message, exit_code=exit_code, log_tail=tail)
-        self.reported.add((body["step_id"], body["attempt"]))
-        self.started.pop(body["step_id"], None)
-        self.last_progress.pop(body["step_id"], None)
-
-
-ROLE_BY_KIND: dict[str, type[Role]] = {
-    "scanner": ScanRole,
-    "curator": CurateRole,
-    "archiver": ArchiveRole,
-    "interpreter": PrepareRole,
-    "transfer": TransferRole,
-    "executor": ExecuteRole,
-    "service": ServiceRole,
-}
-
+        self.last_progress.pop((body["step_id"], body["attempt"]), None)

@@ -2,9 +2,14 @@
 heartbeats and a graceful drain on SIGTERM. The conductor runs in the same runtime.
 
 A message is acked only after its result was reported (the report is a durable,
-confirmed publish). A handler that raises is nacked: the broker retries it with backoff
-and dead-letters it after ``broker.max_attempts``; when that happens to a step command the
-worker reports the step as failed so the case does not hang silently.
+confirmed publish). Retries (``docs/concepts.md``, "Retries"): a step command whose
+handler raises is a failed attempt, reported at once as ``step.finished outcome=failed``
+(``permanent`` for a :class:`~mqi_framework.protocols.PermanentError`, ``unreachable`` for
+a :class:`ConnectionError`) and acked; the conductor's step retry policy decides what
+follows. The broker redelivers only a message whose worker died holding it (lease expiry)
+or could not report (the broker was away), and dead-letters it after
+``broker.max_attempts`` deliveries. Each worker keeps its own ledger
+(:mod:`mqi_framework.ledger`); it reads nothing of the conductor's tables.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ import uuid
 from typing import Any, Optional
 
 from mqi_framework import plugins, protocols as p
+from mqi_framework.logfields import from_command as fields
 from mqi_framework.broker import open_broker
 from mqi_framework.broker.base import Broker, BrokerUnavailable, Delivery, RetryPolicy
 from mqi_framework.config import LoadedConfig
-from mqi_framework.conductor import EVENTS_QUEUE, Conductor, command_queue
+from mqi_framework.conductor import Conductor
+from mqi_framework.kinds import EVENTS_QUEUE, KINDS, command_queue
+from mqi_framework.ledger import Ledger, ledger_path
 from mqi_framework.store import open_state
 from mqi_framework.store import records as rec
 
@@ -62,8 +70,6 @@ class WorkerRuntime:
     """Runs one worker (or the conductor) until SIGTERM/SIGINT or :meth:`stop`."""
 
     def __init__(self, loaded: LoadedConfig, name: str, *, plugin_host: Optional[plugins.PluginHost] = None) -> None:
-        from mqi_framework.roles import ROLE_BY_KIND
-
         self.loaded = loaded
         self.name = name
         self.plugin_host = plugin_host or plugins.get_plugin_host()
@@ -76,6 +82,7 @@ class WorkerRuntime:
         self._current: Optional[Delivery] = None
         self._current_since = 0.0
         self.role: Any = None
+        self._ledger: Optional[Ledger] = None
         self.conductor: Optional[Conductor] = None
         if name == CONDUCTOR:
             self.kind = CONDUCTOR
@@ -88,9 +95,16 @@ class WorkerRuntime:
                                           f"(defined: {', '.join(loaded.config.workers)})")
             self.kind = loaded.worker_kind(name)
             self.impl = build_worker_plugin(loaded, name, self.plugin_host)
-            self.role = ROLE_BY_KIND[self.kind](self, self.impl)
-            self.queue = command_queue(name) if self.role.consumes else None
+            self.role = KINDS[self.kind].role_class()(self, self.impl)
+            self.queue = command_queue(name) if KINDS[self.kind].consumes else None
             self.interval = loaded.config.workers[name].interval_seconds
+
+    @property
+    def ledger(self) -> Ledger:
+        """This worker's own ledger (``<workspace>/workers/<name>.db``), opened on first use."""
+        if self._ledger is None:
+            self._ledger = Ledger(ledger_path(self.loaded.workspace, self.name))
+        return self._ledger
 
     # ---------------------------------------------------------------- reporting
 
@@ -166,16 +180,7 @@ class WorkerRuntime:
             else:
                 self.role.handle(delivery.body)
         except Exception as exc:
-            from mqi_framework.safepath import PathEscapeError
-
-            # a path that would leave its root stays such a path: retrying cannot help
-            permanent = isinstance(exc, (p.PermanentError, PathEscapeError))
-            log.exception("%s: handling %s failed (delivery %d)", self.name, delivery.body.get("type"), delivery.attempt)
-            retried = self.broker.nack(delivery, reason=f"{type(exc).__name__}: {exc}", retry=not permanent)
-            if not retried and self.conductor is None and "step_id" in delivery.body:
-                self.report("step.finished", step_id=delivery.body["step_id"], attempt=delivery.body["attempt"],
-                            outcome="failed", permanent=permanent,
-                            message=f"dead-lettered after {delivery.attempt} delivery(ies): {type(exc).__name__}: {exc}")
+            self._failed(delivery, exc)
             return
         finally:
             self._current = None
@@ -188,6 +193,34 @@ class WorkerRuntime:
             except Exception:  # the outbox keeps the commands; the next tick relays them
                 log.exception("%s: relaying the outbox failed; will retry", self.name)
 
+    def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        """A handler raised. A step command: the attempt failed, reported now and acked (the
+        step's retry policy decides). Anything else, or a report that could not be sent:
+        nacked, for the broker to redeliver with backoff and dead-letter in the end."""
+        from mqi_framework.safepath import PathEscapeError
+
+        body = delivery.body
+        # a path that would leave its root stays such a path: retrying cannot help
+        permanent = isinstance(exc, (p.PermanentError, PathEscapeError))
+        reason = f"{type(exc).__name__}: {exc}"
+        if (self.conductor is None and not isinstance(exc, BrokerUnavailable) and body.get("type") == "run_step"
+                and "step_id" in body and "attempt" in body):
+            unreachable = isinstance(exc, ConnectionError) and not permanent
+            (log.warning if unreachable else log.exception)("%s: %s failed: %s", self.name, fields(body), reason)
+            try:
+                self.role.finished(body, "failed", reason, permanent=permanent, unreachable=unreachable)
+            except Exception as report_exc:  # could not report: the broker redelivers, the next try reports
+                log.warning("%s: reporting the failure failed (%s); the command is redelivered", self.name, report_exc)
+            else:
+                self.broker.ack(delivery)
+                return
+        else:
+            log.exception("%s: handling %s failed (delivery %d)", self.name, body.get("type"), delivery.attempt)
+        try:
+            self.broker.nack(delivery, reason=reason, retry=not permanent)
+        except BrokerUnavailable as nack_exc:  # the lease runs out and the broker redelivers
+            log.warning("%s: nack failed (%s); the lease will expire", self.name, nack_exc)
+
     def keep_alive(self) -> None:
         """Heartbeat and, during a long message (a big transfer), extend its broker lease
         (on RabbitMQ: service the connection's heartbeats, at least every 10 s)."""
@@ -199,7 +232,7 @@ class WorkerRuntime:
 
     def close(self) -> None:
         for closer in (getattr(self.role, "close", None), getattr(getattr(self, "impl", None), "close", None),
-                       self.broker.close):
+                       self.broker.close, self._ledger.close if self._ledger is not None else None):
             if closer is None:
                 continue
             try:

@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 import pytest
 
 from mqi_framework.broker import BrokerError, open_broker, redact_url
-from mqi_framework.conductor import EVENTS_QUEUE, command_queue
+from mqi_framework.kinds import EVENTS_QUEUE, command_queue
 from mqi_framework.testing import Workspace, wait_final
 from mqi_framework.workspace import fast_config, wait_until
 
