@@ -23,7 +23,7 @@ import uuid
 from typing import Any, Optional
 
 from mqi_framework import plugins, protocols as p
-from mqi_framework.logfields import from_command as fields
+from mqi_framework.logfields import from_command as command_fields
 from mqi_framework.broker import open_broker
 from mqi_framework.broker.base import Broker, BrokerUnavailable, Delivery, RetryPolicy
 from mqi_framework.config import LoadedConfig
@@ -206,7 +206,8 @@ class WorkerRuntime:
         if (self.conductor is None and not isinstance(exc, BrokerUnavailable) and body.get("type") == "run_step"
                 and "step_id" in body and "attempt" in body):
             unreachable = isinstance(exc, ConnectionError) and not permanent
-            (log.warning if unreachable else log.exception)("%s: %s failed: %s", self.name, fields(body), reason)
+            say = log.warning if unreachable else log.exception
+            say("%s: %s failed: %s", self.name, command_fields(body), reason)
             try:
                 self.role.finished(body, "failed", reason, permanent=permanent, unreachable=unreachable)
             except Exception as report_exc:  # could not report: the broker redelivers, the next try reports
