@@ -41,8 +41,14 @@ COMMAND_FIELDS = {
 class RetrySettings:
     """How often a failed step is tried again, with exponential backoff and jitter."""
 
+    #: tries of the step in all, the first one included (at least 1; 1: never retried); a
+    #: permanent failure ends the step at once, and an attempt whose host was unreachable
+    #: does not count during the first hour of an unreachable streak
     max_attempts: int = 3
+    #: seconds before the second attempt; doubled for each further attempt and multiplied
+    #: by a random jitter of 0.5–1.0
     backoff_seconds: float = 5.0
+    #: upper bound in seconds of the wait between attempts (before the jitter)
     max_backoff_seconds: float = 300.0
 
 
@@ -51,19 +57,38 @@ class StepConfig:
     """One step of the workflow. Steps run in order; ``per_beam`` steps run once per
     treatment beam (all beams must finish a step before the case moves on)."""
 
+    #: the step's name, unique in the workflow; also the case state while it runs unless
+    #: ``state`` says otherwise
     name: str
+    #: the ``workers`` entry that runs the step; its kind decides what the step does
+    #: (interpreter: find the beams and prepare inputs, transfer: move the case tree,
+    #: executor: run ``command``)
     worker: str
-    state: Optional[str] = None  # case state while this step runs; default: the step name
+    #: case state while this step runs; default: the step name
+    state: Optional[str] = None
+    #: run once per treatment beam instead of once per case; every beam must finish the step
+    #: before the case moves on (needs the interpreter step before it)
     per_beam: bool = False
-    direction: Optional[Literal["upload", "download"]] = None  # transfer steps
-    command: Optional[str] = None  # executor steps: template with {placeholders}
-    gpu: bool = False  # allocate one GPU per beam for this step
+    #: transfer steps: ``upload`` (staging to the execution side) or ``download`` (results back)
+    direction: Optional[Literal["upload", "download"]] = None
+    #: executor steps: template with {placeholders}
+    command: Optional[str] = None
+    #: allocate one GPU per beam for this step
+    gpu: bool = False
+    #: executor steps: seconds a job may run; past it the executor kills the job's process
+    #: group and the attempt fails as timed out (retried under ``retry``); unset: no limit
     timeout_seconds: Optional[float] = None
+    #: how often a failed attempt of this step is tried again, and how long between tries
     retry: RetrySettings = RetrySettings()
-    outputs: list[str] = attrs.field(factory=list)  # globs that must match after success
-    log_rules: bool = False  # judge the job log with the interpreter (success/failure/progress)
+    #: executor steps: globs that must match after success
+    outputs: list[str] = attrs.field(factory=list)
+    #: judge the job log with the interpreter (success/failure/progress)
+    log_rules: bool = False
+    #: executor steps: environment variables set for the job (values are templates with
+    #: {placeholders}, filled without shell quoting)
     env: dict[str, str] = attrs.field(factory=dict)
-    workdir: Optional[str] = None  # template; default {beam_dir} for per-beam steps, else {case_dir}
+    #: template; default {beam_dir} for per-beam steps, else {case_dir}
+    workdir: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -74,20 +99,30 @@ class StepConfig:
 class WorkflowConfig:
     """The pipeline as data."""
 
+    #: the steps in the order they run; the first one must use an interpreter worker
     steps: list[StepConfig]
-    remote_root: str = "remote"  # execution-side root; relative paths resolve against workspace
-    vars: dict[str, str] = attrs.field(factory=dict)  # extra {placeholders} for commands
+    #: execution-side root; relative paths resolve against workspace
+    remote_root: str = "remote"
+    #: extra {placeholders} for commands
+    vars: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen
 class WorkerConfig:
     """A worker process: which plugin it runs and that plugin's own settings."""
 
+    #: the registered name of the implementation this worker runs (``core.fs``, ``sftp``,
+    #: ...; ``mqi-host --plugins`` lists what is installed)
     plugin: str
-    kind: Optional[str] = None  # one of mqi_framework.kinds.KINDS; default from the worker's name
+    #: one of mqi_framework.kinds.KINDS; default from the worker's name
+    kind: Optional[str] = None
+    #: the plugin's own settings, validated by its settings class (see the plugin settings
+    #: reference); a plugin without a settings class takes none
     settings: dict[str, Any] = attrs.field(factory=dict)
+    #: ``false``: the host does not start this worker (a step that names it is a config error)
     enabled: bool = True
-    interval_seconds: float = 1.0  # how often scanners, curators and job pollers look
+    #: how often scanners, curators and job pollers look
+    interval_seconds: float = 1.0
 
 
 @attrs.frozen
@@ -95,19 +130,35 @@ class BrokerConfig:
     """Where commands and events travel: ``sqlite:`` (embedded; paths relative to the workspace) or
     ``amqp://user:${AMQP_PASSWORD}@host:5672/vhost`` (RabbitMQ, see docs/brokers.md)."""
 
+    #: ``sqlite:<path>`` or ``amqp://...`` (see the section's description)
     url: str = "sqlite:queue.db"
+    #: SQLite: seconds a delivered message stays invisible to other consumers before it is
+    #: handed out again (a worker busy with one message extends its lease as it goes); on
+    #: RabbitMQ a delivery ends with its connection instead. The conductor fails an attempt
+    #: that no worker started within ``lease_seconds × (max_attempts + 1) + 60`` seconds.
     lease_seconds: float = 120.0
+    #: deliveries of one message in all; a message that comes back more often (its worker
+    #: died holding it, or could not report) goes to the queue's dead letters
+    #: (``mqi-host dlq``). Not the step retries: those are ``workflow.steps.<n>.retry``.
     max_attempts: int = 5
+    #: seconds before a message given back for retry is delivered again; doubled per
+    #: delivery, multiplied by a random jitter of 0.5–1.0
     retry_base_seconds: float = 1.0
+    #: upper bound in seconds of that redelivery delay (before the jitter)
     retry_max_seconds: float = 300.0
-    queue_prefix: str = ""  # RabbitMQ: put before every queue name (hosts sharing a vhost; tests)
+    #: RabbitMQ: put before every queue name (hosts sharing a vhost; tests)
+    queue_prefix: str = ""
 
 
 @attrs.frozen
 class CaseRules:
     """How cases are held and flagged."""
 
+    #: a case whose plan names beams that have no delivery folder yet waits in state
+    #: ``incomplete`` and is interpreted again this many seconds later, until it is complete
     incomplete_recheck_seconds: float = 30.0
+    #: a case still ``incomplete`` after this many seconds is flagged for attention (a
+    #: ``case.flagged`` event); it keeps being re-checked
     incomplete_flag_after_seconds: float = 3600.0
 
 
@@ -115,32 +166,54 @@ class CaseRules:
 class SupervisionConfig:
     """How ``mqi-host run`` watches its processes."""
 
+    #: how often each worker and the conductor record that they are alive (seconds)
     heartbeat_seconds: float = 2.0
+    #: a process whose last heartbeat is older than this many seconds is killed with SIGKILL
+    #: and restarted (a process just started gets this long before it is judged)
     hung_after_seconds: float = 60.0
+    #: seconds before a process that exited or hung is started again; doubled at each
+    #: further restart, and reset once a process ran for 60 s
     restart_backoff_seconds: float = 1.0
+    #: upper bound in seconds of that restart delay
     restart_backoff_max_seconds: float = 60.0
+    #: on SIGTERM, seconds the processes get to finish what they hold (the workers are
+    #: signalled first, the conductor last) before the ones still running get SIGKILL
     drain_seconds: float = 20.0
-    tick_seconds: float = 0.5  # conductor housekeeping interval
+    #: conductor housekeeping interval
+    tick_seconds: float = 0.5
 
 
 @attrs.frozen
 class LoggingConfig:
+    """Where and how much the host's processes log."""
+
+    #: the lowest level written by every process (``--debug`` on the command line: DEBUG)
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    directory: str = "logs"  # per-process log files, relative to the workspace
+    #: per-process log files, relative to the workspace
+    directory: str = "logs"
 
 
 @attrs.frozen
 class MqiConfig:
     """The whole ``mqi.yaml``."""
 
+    #: the pipeline: its steps and their placeholders
     workflow: WorkflowConfig
+    #: worker name -> worker section; each enabled worker is one process of ``mqi-host
+    #: run``. Names match ``[a-z][a-z0-9_-]{0,31}`` and are not ``conductor`` or ``host``
     workers: dict[str, WorkerConfig]
-    workspace: str = "."  # relative to the config file's folder
+    #: relative to the config file's folder
+    workspace: str = "."
+    #: the message broker between the conductor and the workers
     broker: BrokerConfig = BrokerConfig()
+    #: how incomplete cases are re-checked and flagged
     cases: CaseRules = CaseRules()
+    #: how ``mqi-host run`` watches, restarts and stops its processes
     supervision: SupervisionConfig = SupervisionConfig()
+    #: log level and log folder
     logging: LoggingConfig = LoggingConfig()
-    database: str = "state.db"  # relative to the workspace
+    #: relative to the workspace
+    database: str = "state.db"
 
 
 @attrs.define

@@ -39,7 +39,8 @@ class PluginContext:
     dashboard read them; workers report through events instead); ``remote_root`` is
     ``workflow.remote_root`` as the host uses it (cases live in ``remote_root/<case>``
     on the execution side), so that a remote plugin's ``check`` can tell whether it
-    fits its own settings.
+    fits its own settings; ``config_path`` is the config file the host loaded (``None``
+    for a config built in memory, as in tests).
     """
 
     workspace: Path
@@ -87,8 +88,10 @@ class PermanentError(Exception):
 class CaseCandidate:
     """A case folder found in an inbox.
 
-    ``case_id`` is the folder name (data, never shell syntax); ``ready`` is True when the
-    folder holds ``_CASE_READY`` or nothing in it changed for ``settle_seconds``.
+    ``case_id`` is the folder name (data, never shell syntax); ``path`` the case folder
+    and ``inbox`` the inbox folder it was found in; ``ready`` is True when the folder holds
+    ``_CASE_READY`` or nothing in it changed for ``settle_seconds``; ``reason`` says why
+    (``marker``, ``settled``, ``changing``), for people.
     """
 
     case_id: str
@@ -111,17 +114,25 @@ class Scanner(Plugin):
 
 @attrs.frozen
 class TransferProgress:
+    """How far a transfer got, handed to its :data:`ProgressCallback` as it goes:
+    ``files_done`` of ``files_total`` files and ``bytes_done`` of ``bytes_total`` bytes."""
+
     files_done: int
     files_total: int
     bytes_done: int
     bytes_total: int
 
 
+#: what :meth:`Transfer.upload` and :meth:`Transfer.download` call with a
+#: :class:`TransferProgress` as the transfer goes (the worker turns it into progress events)
 ProgressCallback = Callable[[TransferProgress], None]
 
 
 @attrs.frozen
 class TransferResult:
+    """What a finished upload or download did: ``files`` and ``bytes`` in the tree, of
+    which ``skipped`` files were already present and verified, so not copied again."""
+
     files: int
     bytes: int
     skipped: int = 0  # files already present and verified (resume / re-run)
@@ -153,7 +164,10 @@ class JobSpec:
 
     ``job_key`` is stable for one attempt of one step of one beam: starting the same
     key twice must re-attach to the first job, never start a second one.
-    ``command`` is already rendered, every substituted value shell-quoted.
+    ``command`` is already rendered, every substituted value shell-quoted; it runs in
+    ``workdir`` (a folder on the execution side) with ``env`` added to its environment.
+    ``timeout`` is in seconds (``None``: no limit): past it the executor kills the job's
+    process group and reports it as exited with ``timed_out``.
     """
 
     job_key: str
@@ -168,20 +182,24 @@ class JobSpec:
 
 @attrs.frozen
 class JobHandle:
-    """Everything needed to find a started job again after a restart (JSON-serialisable)."""
+    """Everything needed to find a started job again after a restart (JSON-serialisable):
+    the ``executor``'s name, the job's ``job_key`` and the executor's own ``data`` (a pid,
+    a Slurm job id, a host)."""
 
     executor: str
     job_key: str
     data: dict = attrs.field(factory=dict)
 
 
+#: the states of a job as :attr:`JobStatus.state` reports them
 JobState = Literal["running", "exited", "lost"]
 
 
 @attrs.frozen
 class JobStatus:
-    """``exited`` carries the exit code; ``lost`` means the job vanished without one
-    (host rebooted, job folder removed) and is retryable."""
+    """What :meth:`Executor.poll` found: ``state`` is ``running``, ``exited`` (with
+    ``exit_code``) or ``lost`` (the job vanished without an exit code: host rebooted, job
+    folder removed; the attempt fails and is retried); ``message`` says more, for people."""
 
     state: JobState
     exit_code: Optional[int] = None
@@ -229,6 +247,11 @@ class GpuReading:
     for a healthy GPU that must not take a beam now (too little free memory, busy with
     someone else's work). Only healthy, eligible, unallocated GPUs are allocated.
     ``note`` says why, for people.
+
+    ``host`` and ``index`` identify the GPU (``host`` is the name the executor runs beams
+    on); ``uuid`` and ``name`` (the model) are as the driver reports them; the
+    ``memory_total_mb``, ``memory_used_mb`` and ``memory_free_mb`` are MiB,
+    ``utilization_pct`` percent and ``temperature_c`` degrees Celsius.
     """
 
     host: str
@@ -266,6 +289,10 @@ class Curator(Plugin):
 
 @attrs.frozen
 class ArchiveResult:
+    """What one archiver run did: ``backup_path`` is the backup it wrote (``None`` when it
+    wrote none), ``removed`` the old backups retention deleted, ``message`` a line for the
+    log."""
+
     backup_path: Optional[Path]
     removed: list[Path] = attrs.field(factory=list)
     message: str = ""
@@ -299,7 +326,8 @@ class Service(Plugin):
 
 @attrs.frozen
 class BeamPlan:
-    """A treatment beam of a case. ``delivery_dir`` is the folder name inside the case
+    """A treatment beam of a case: ``number`` is its beam number in the plan and ``name``
+    its label there (may be empty). ``delivery_dir`` is the folder name inside the case
     folder whose PlanInfo.txt names this beam, or None when no delivery was found."""
 
     number: int
@@ -331,8 +359,9 @@ class CaseRejected(Exception):
 
 @attrs.frozen
 class LogVerdict:
-    """What a simulator log says: ``success``, ``failure`` or ``unknown`` (still running
-    or nothing recognisable), an optional message, and progress 0..1 when it is known."""
+    """What a simulator log says: ``outcome`` is ``success``, ``failure`` or ``unknown``
+    (still running or nothing recognisable), ``message`` an optional line for people, and
+    ``progress`` the fraction done (0..1) when the log tells it, else None."""
 
     outcome: Literal["success", "failure", "unknown"]
     message: str = ""

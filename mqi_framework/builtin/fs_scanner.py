@@ -28,7 +28,7 @@ class FsScannerSettings:
 
     inboxes: list[str] = attrs.field(factory=list)  # folders holding case folders (relative: to the config file)
     settle_seconds: float = 30.0  # no change for this long makes a folder ready without a marker
-    marker: str = "_CASE_READY"
+    marker: str = "_CASE_READY"  # a file of this name in a case folder makes it ready at once
     ignore_hidden: bool = True  # skip folders whose names start with '.'
 
 

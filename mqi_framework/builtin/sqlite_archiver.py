@@ -25,7 +25,7 @@ class SqliteArchiverSettings:
     backup_dir: Optional[str] = None  # default: <workspace>/backups
     keep_last: int = 7  # newest backups kept
     max_age_days: Optional[float] = None  # older backups are removed (the newest is always kept)
-    interval_seconds: float = 3600.0
+    interval_seconds: float = 3600.0  # seconds between backups (the first one runs at the worker's start)
 
 
 class SqliteArchiver(Archiver):

@@ -16,9 +16,9 @@ class StandinCuratorSettings:
     """Settings of the ``core.standin`` curator."""
 
     gpus: int = 2  # how many stand-in GPUs
-    host: str = "localhost"
-    name: str = "Stand-in GPU"
-    memory_total_mb: int = 24576
+    host: str = "localhost"  # host name the GPUs are reported under (``host:index``)
+    name: str = "Stand-in GPU"  # model name shown for every stand-in GPU
+    memory_total_mb: int = 24576  # memory each stand-in GPU reports, all of it free (MiB)
 
 
 class StandinCurator(Curator):

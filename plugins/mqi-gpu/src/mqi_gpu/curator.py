@@ -29,7 +29,7 @@ class GpuHostSettings:
     """One GPU host. ``name`` is what the GPUs are recorded under (``host:index``) and must
     be the host name the executor runs beams on. Without ``ssh`` the command runs locally."""
 
-    name: str = "localhost"
+    name: str = "localhost"  # GPUs are recorded as ``<name>:<index>``; the executor's name for the host
     ssh: Optional[dict[str, Any]] = None  # connection settings of mqi-ssh (hostname, port, user, ...)
     command: str = "nvidia-smi"  # path of nvidia-smi on that host
     exclude: list[int] = attrs.field(factory=list)  # GPU indices never given a beam (e.g. a display GPU)
@@ -43,6 +43,7 @@ def _hosts_default() -> list[GpuHostSettings]:
 class NvidiaSmiSettings:
     """Settings of the ``nvidia-smi`` curator."""
 
+    #: the GPU hosts to read; default: this machine only (one host ``localhost`` without ``ssh``)
     hosts: list[GpuHostSettings] = attrs.field(factory=_hosts_default)
     min_free_memory_mb: int = 2048  # a GPU with less free memory takes no beam
     max_utilization_pct: int = 20  # a GPU busier than this takes no beam (unknown utilisation: not judged)
