@@ -454,14 +454,18 @@ def protocols_markdown() -> str:
             hints = typing.get_type_hints(obj)
             described = field_descriptions(obj)
             out += ["| field | type | default | description |", "|---|---|---|---|"]
+            doc = obj.__dict__.get("__doc__") or ""
             for field in attrs.fields(obj):
+                text = described[field.name] or ("see above" if f"``{field.name}``" in doc else "")
                 out.append(f"| `{field.name}` | `{_type_name(hints.get(field.name, field.type))}` | "
-                           f"{_default(field)} | {_cell(described[field.name])} |")
+                           f"{_default(field)} | {_cell(text)} |")
             out.append("")
         class_attrs = _class_attributes(obj)
         if class_attrs:
             out += ["| class attribute | default | description |", "|---|---|---|"]
-            out += [f"| `{n}` | {f'`{v}`' if v else ''} | {_cell(t)} |" for n, v, t in class_attrs]
+            doc = obj.__dict__.get("__doc__") or ""
+            out += [f"| `{n}` | {f'`{v}`' if v else ''} | {_cell(t or ('see above' if f'``{n}``' in doc else ''))} |"
+                    for n, v, t in class_attrs]
             out.append("")
         for method_name, method in public_methods(obj).items():
             abstract = getattr(method, "__isabstractmethod__", False)
