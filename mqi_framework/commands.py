@@ -93,6 +93,7 @@ class RemoteShell:
         self._connection: Any = None
 
     def run(self, command: str, timeout: float) -> CommandResult:
+        """Run ``command`` (one shell line, values quoted) on the remote shell; a failing command does not raise."""
         try:
             if self._connection is None:
                 self._connection = self.opener()
@@ -107,6 +108,7 @@ class RemoteShell:
             return CommandResult(None, "", f"{self.label} failed: {type(exc).__name__}: {exc}")
 
     def close(self) -> None:
+        """Close the shell's connection (a later :meth:`run` opens a new one)."""
         conn, self._connection = self._connection, None
         if conn is not None:
             try:

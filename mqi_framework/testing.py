@@ -46,21 +46,25 @@ class Workspace:
         self.inbox = folder / "inbox"
 
     def rewrite(self, config: dict) -> None:
+        """Write ``config`` (a dict) as the workspace's mqi.yaml again."""
         from mqi_framework.workspace import write_workspace
 
         self.config = config
         write_workspace(self.folder, config)
 
     def cli(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        """Run ``mqi-host ARGS -c <this workspace's config>`` in a subprocess."""
         return run_cli(*args, "-c", str(self.config_path), **kwargs)
 
     def cases(self) -> list[dict]:
+        """``mqi-host cases --json`` of this workspace."""
         proc = self.cli("cases", "--json")
         if proc.returncode != 0:
             return []
         return json.loads(proc.stdout)
 
     def state(self) -> sqlite3.Connection:
+        """A read-only connection to the workspace's state database."""
         from mqi_framework.store import connect
 
         return connect(self.folder / "state.db", readonly=True)
@@ -80,13 +84,16 @@ class Workspace:
             conn.close()
 
     def cases_by_name(self) -> dict[str, dict]:
+        """The cases by folder name (``cases --json --names``)."""
         proc = self.cli("cases", "--json", "--names", check=True)
         return {c["name"]: c for c in json.loads(proc.stdout)}
 
     def gpu_allocations(self) -> list[dict]:
+        """The GPUs held by a step now: ``[{"idx", "allocated_step"}]``."""
         return [dict(r) for r in self.query("SELECT idx, allocated_step FROM resources WHERE allocated_step IS NOT NULL")]
 
     def logs(self, lines: int = 15) -> str:
+        """The last ``lines`` of every process log, for assertion messages."""
         out = []
         for log in sorted((self.folder / "logs").glob("*.log")):
             out.append(f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:]))
@@ -131,6 +138,7 @@ class HostProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self) -> "HostProcess":
+        """Start ``mqi-host run`` on the workspace in its own session."""
         self._log = open(self.ws.folder / "host-stdout.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "mqi_framework.cli", "run", "-c", str(self.ws.config_path)],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
@@ -139,6 +147,7 @@ class HostProcess:
 
     @property
     def running(self) -> bool:
+        """Whether the host process still runs."""
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 30) -> int:
@@ -170,6 +179,7 @@ class HostProcess:
 
 @pytest.fixture
 def mqi_pm() -> Iterator[Any]:
+    """A fresh PluginHost with no entry points loaded: only what the test registers."""
     from mqi_framework.plugins import PluginHost
 
     yield PluginHost(load_entry_points=False)
@@ -177,6 +187,7 @@ def mqi_pm() -> Iterator[Any]:
 
 @pytest.fixture
 def register_plugin(mqi_pm: Any) -> Iterator[Callable[..., str]]:
+    """``register(plugin, name=None)`` on ``mqi_pm``; every plugin is unregistered after the test."""
     names: list[str] = []
 
     def register(plugin: Any, name: Optional[str] = None) -> str:
@@ -191,6 +202,7 @@ def register_plugin(mqi_pm: Any) -> Iterator[Callable[..., str]]:
 
 @pytest.fixture
 def mqi_workspace(tmp_path: Path) -> Workspace:
+    """A workspace with the quick starter config in ``tmp_path``."""
     from mqi_framework.workspace import fast_config
 
     return Workspace(tmp_path / "ws", fast_config())
@@ -198,4 +210,5 @@ def mqi_workspace(tmp_path: Path) -> Workspace:
 
 @pytest.fixture
 def mqi_cli() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli``: ``mqi-host`` in a subprocess, returning the CompletedProcess."""
     return run_cli

@@ -14,6 +14,8 @@ own plugins use, so a site plugin gets the same guarantees:
   :class:`RemoteShell`, :class:`CommandResult`, :func:`as_result`;
 * log lines in the one format (``case=… beam=… step=… attempt=… job=…``): :func:`log_fields`,
   :func:`job_log_fields` (from a job key, all an executor knows);
+* settings validated into an attrs class with the config's errors (YAML paths):
+  :func:`structure_settings`;
 * the builtin local executor, to extend (``class MyLauncher(LocalExecutor)``):
   :class:`LocalExecutor` (its :meth:`~LocalExecutor.job_dir` is where a job's files are).
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from mqi_framework.builtin.local_executor import LocalExecutor
 from mqi_framework.commands import CommandResult, RemoteShell, as_result, run_local
+from mqi_framework.configload import structure as structure_settings
 from mqi_framework.files import PART_SUFFIX, fsync_dir, part_path, write_atomic
 from mqi_framework.hashing import VerificationError, copy_verified, sha256_file
 from mqi_framework.logfields import fields as log_fields
@@ -32,6 +35,7 @@ from mqi_framework.tree import MANIFEST, TreeFile, manifest_text, walk_tree, wri
 __all__ = [
     "CommandResult", "LocalExecutor", "MANIFEST", "PART_SUFFIX", "PathEscapeError", "RemoteShell", "TreeFile",
     "VerificationError", "as_result", "copy_verified", "fsync_dir", "is_within", "job_log_fields", "log_fields",
-    "manifest_text", "part_path", "run_local", "safe_component", "safe_join", "sha256_file", "walk_tree",
+    "manifest_text", "part_path", "run_local", "safe_component", "safe_join", "sha256_file", "structure_settings",
+    "walk_tree",
     "write_atomic", "write_manifest",
 ]

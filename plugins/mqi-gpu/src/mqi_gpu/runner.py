@@ -8,7 +8,7 @@ import abc
 import shlex
 from typing import Any
 
-from mqi_framework.commands import CommandResult, RemoteShell, as_result, run_local
+from mqi_framework.toolkit import CommandResult, RemoteShell, as_result, run_local
 
 __all__ = ["CommandResult", "CommandRunner", "LocalRunner", "RemoteUnavailable", "SshRunner", "as_result"]
 

@@ -35,10 +35,9 @@ from typing import Callable, Iterable, Iterator, Literal, Optional
 import attrs
 import paramiko
 
-from mqi_framework.hashing import VerificationError, fsync_dir, part_path, sha256_file
 from mqi_framework.protocols import PluginContext, ProgressCallback, Transfer, TransferProgress, TransferResult
-from mqi_framework.safepath import PathEscapeError, is_within
-from mqi_framework.tree import MANIFEST, PART_SUFFIX, TreeFile, manifest_text, walk_tree, write_manifest
+from mqi_framework.toolkit import (MANIFEST, PART_SUFFIX, PathEscapeError, TreeFile, VerificationError, fsync_dir,
+                                   is_within, manifest_text, part_path, sha256_file, walk_tree, write_manifest)
 from mqi_ssh import remote, remotepath
 from mqi_ssh.connection import SshConnection, SshError, SshUnreachable, connect, sftp_limits
 from mqi_ssh.settings import SshHostSettings

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import attrs
 
 from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PluginContext
-from mqi_framework.safepath import safe_component
+from mqi_framework.toolkit import safe_component
 from mqi_slurm import states as st
 from mqi_slurm.site import CommandResult, LocalSite, Site, SiteUnavailable, SshSite
 

@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 from typing import Any, Optional
 
-from mqi_framework.commands import CommandResult, RemoteShell, run_local
+from mqi_framework.toolkit import CommandResult, RemoteShell, run_local
 
 
 class SiteUnavailable(Exception):

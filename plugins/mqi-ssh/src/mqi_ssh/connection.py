@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional, Union
 
 import paramiko
 
-from mqi_framework.commands import CommandResult
+from mqi_framework.toolkit import CommandResult
 from mqi_ssh.settings import JumpHostSettings, SshHostSettings
 
 log = logging.getLogger(__name__)
@@ -315,9 +315,9 @@ def connect(settings: Union[SshHostSettings, dict]) -> "SshConnection":
     """A handle on the shared connection to the host ``settings`` describes. Nothing is
     sent until it is used; call :meth:`SshConnection.close` when done."""
     if isinstance(settings, dict):
-        from mqi_framework import configload
+        from mqi_framework.toolkit import structure_settings
 
-        settings = configload.structure(SshHostSettings, settings, path="ssh")
+        settings = structure_settings(SshHostSettings, settings, path="ssh")
     key = _pool_key(settings)
     with _POOL_LOCK:
         shared = _POOL.get(key)

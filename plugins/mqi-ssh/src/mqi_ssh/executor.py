@@ -25,7 +25,7 @@ from typing import Optional
 import attrs
 
 from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PermanentError, PluginContext
-from mqi_framework.safepath import PathEscapeError, safe_component
+from mqi_framework.toolkit import PathEscapeError, safe_component
 from mqi_ssh import remote, remotepath
 from mqi_ssh.connection import SshConnection, SshError, connect
 from mqi_ssh.settings import SshHostSettings

@@ -15,7 +15,7 @@ from typing import Optional
 
 import paramiko
 
-from mqi_framework.safepath import PathEscapeError
+from mqi_framework.toolkit import PathEscapeError
 
 MAGIC = ("*", "?", "[")
 
