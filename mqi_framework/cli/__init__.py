@@ -154,7 +154,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.plugins:
             args.json = args.top_json
-            return setup.cmd_plugins(args)
+            code = setup.cmd_plugins(args)
+            sys.stdout.flush()
+            return code
         if args.top_json:  # `mqi-host --json cases` means `mqi-host cases --json`
             if hasattr(args, "json"):
                 args.json = True
@@ -163,7 +165,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return EXIT_USAGE
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, where it is handled, not at interpreter exit
+        return code
     except (ConfigError, PluginError, UsageError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
