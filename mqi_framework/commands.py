@@ -8,6 +8,7 @@ happened and :meth:`CommandResult.problem` says it in one line for people.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import subprocess
@@ -78,6 +79,41 @@ def as_result(raw: Any) -> CommandResult:
         code = next((getattr(raw, a) for a in ("exit_status", "returncode", "exit_code") if hasattr(raw, a)), None)
         out, err = getattr(raw, "stdout", ""), getattr(raw, "stderr", "")
     return CommandResult(code, _text(out), _text(err))
+
+
+class PluginMissing(Exception):
+    """An optional plugin that this configuration needs is not installed; the message says
+    which distribution to install."""
+
+
+def optional_plugin(module: str, distribution: str, needed_for: str) -> Any:
+    """Import ``module`` of the optional plugin ``distribution``, or raise
+    :class:`PluginMissing` saying that ``needed_for`` needs it and how to install it. Plugins
+    that build on another plugin (a GPU probe or a Slurm site reached over mqi-ssh's shared
+    connection) use it so that a missing plugin reads the same everywhere."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise PluginMissing(
+            f"{needed_for} needs the {distribution} plugin (`pip install {distribution}`, in the mqi-host "
+            f"repository `pip install -e plugins/{distribution}`): {exc}") from None
+
+
+def ssh_shell(settings: dict, label: str) -> "RemoteShell":
+    """A :class:`RemoteShell` over the shared SSH connection of the mqi-ssh plugin, opened
+    with ``settings`` (an ``ssh:`` block, validated by mqi-ssh) on first use. Raises
+    :class:`PluginMissing` from :meth:`RemoteShell.run` when mqi-ssh is not installed."""
+    settings = dict(settings)
+
+    def open_connection() -> Any:
+        return optional_plugin("mqi_ssh.connection", "mqi-ssh", "`ssh:`").connect(settings)
+
+    return RemoteShell(open_connection, label, fatal=(PluginMissing,))
+
+
+def require_ssh_plugin() -> None:
+    """Raise :class:`PluginMissing` now (at check time) when mqi-ssh is not installed."""
+    optional_plugin("mqi_ssh.connection", "mqi-ssh", "`ssh:`")
 
 
 class RemoteShell:

@@ -11,7 +11,9 @@ own plugins use, so a site plugin gets the same guarantees:
 * transferred trees and their manifest: :func:`walk_tree`, :class:`TreeFile`,
   :func:`manifest_text`, :func:`write_manifest`, :data:`MANIFEST`, :data:`PART_SUFFIX`;
 * short commands, locally (no shell) or on a remote shell: :func:`run_local`,
-  :class:`RemoteShell`, :class:`CommandResult`, :func:`as_result`;
+  :class:`RemoteShell`, :class:`CommandResult`, :func:`as_result`; over mqi-ssh's shared
+  connection: :func:`ssh_shell`, :func:`require_ssh_plugin`; another plugin one builds on:
+  :func:`optional_plugin`, :class:`PluginMissing`;
 * log lines in the one format (``case=… beam=… step=… attempt=… job=…``): :func:`log_fields`,
   :func:`job_log_fields` (from a job key, all an executor knows);
 * settings validated into an attrs class with the config's errors (YAML paths):
@@ -23,7 +25,8 @@ own plugins use, so a site plugin gets the same guarantees:
 from __future__ import annotations
 
 from mqi_framework.builtin.local_executor import LocalExecutor
-from mqi_framework.commands import CommandResult, RemoteShell, as_result, run_local
+from mqi_framework.commands import (CommandResult, PluginMissing, RemoteShell, as_result, optional_plugin,
+                                    require_ssh_plugin, run_local, ssh_shell)
 from mqi_framework.configload import structure as structure_settings
 from mqi_framework.files import PART_SUFFIX, fsync_dir, part_path, write_atomic
 from mqi_framework.hashing import VerificationError, copy_verified, sha256_file
@@ -33,9 +36,9 @@ from mqi_framework.safepath import PathEscapeError, is_within, safe_component, s
 from mqi_framework.tree import MANIFEST, TreeFile, manifest_text, walk_tree, write_manifest
 
 __all__ = [
-    "CommandResult", "LocalExecutor", "MANIFEST", "PART_SUFFIX", "PathEscapeError", "RemoteShell", "TreeFile",
-    "VerificationError", "as_result", "copy_verified", "fsync_dir", "is_within", "job_log_fields", "log_fields",
-    "manifest_text", "part_path", "run_local", "safe_component", "safe_join", "sha256_file", "structure_settings",
-    "walk_tree",
-    "write_atomic", "write_manifest",
+    "CommandResult", "LocalExecutor", "MANIFEST", "PART_SUFFIX", "PathEscapeError", "PluginMissing",
+    "RemoteShell", "TreeFile", "VerificationError", "as_result", "copy_verified", "fsync_dir",
+    "is_within", "job_log_fields", "log_fields", "manifest_text", "optional_plugin", "part_path",
+    "require_ssh_plugin", "run_local", "safe_component", "safe_join", "sha256_file", "ssh_shell",
+    "structure_settings", "walk_tree", "write_atomic", "write_manifest",
 ]

@@ -143,7 +143,7 @@ def test_ssh_host_without_mqi_ssh_is_a_clear_problem(tmp_path, fake_smi, monkeyp
     cur = curator(tmp_path, hosts=[GpuHostSettings(name="gpu1", ssh={"hostname": "gpu1.example"}),
                                    GpuHostSettings(name="localhost")])
     (problem,) = cur.check()
-    assert problem.startswith("host gpu1: this host is read over SSH, which needs the mqi-ssh plugin")
+    assert problem.startswith("host gpu1: `ssh:` needs the mqi-ssh plugin")
     assert [g.host for g in cur.observe()] == ["localhost", "localhost"]  # the local host still works
 
 

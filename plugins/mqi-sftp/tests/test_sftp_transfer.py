@@ -278,7 +278,7 @@ def test_a_full_local_disk_is_named_and_the_part_kept_for_later(make_transfer, t
     data = os.urandom(2_000_000)
     (remote / "dose.raw").write_bytes(data)
     transfer = make_transfer()
-    mocker.patch("mqi_sftp.transfer.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    mocker.patch("mqi_sftp.streams.os.fsync", side_effect=OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(OSError, match="No space left") as info:
         transfer.download(str(remote), tmp_path / "back", lambda p: None)
     assert not isinstance(info.value, SshUnreachable)
@@ -289,17 +289,18 @@ def test_a_full_local_disk_is_named_and_the_part_kept_for_later(make_transfer, t
 
 
 def test_big_files_are_verified_segment_by_segment_while_they_stream(make_transfer, tmp_path, remote_root, mocker):
-    import mqi_sftp.transfer as module
+    import mqi_sftp.streams
+    import mqi_sftp.verify
 
-    mocker.patch.object(module, "SEGMENT", 1024 * 1024)
-    mocker.patch.object(module, "STREAM_VERIFY_FROM", 2 * 1024 * 1024)
+    mocker.patch.object(mqi_sftp.verify, "SEGMENT", 1024 * 1024)
+    mocker.patch.object(mqi_sftp.streams, "STREAM_VERIFY_FROM", 2 * 1024 * 1024)
     src = tmp_path / "src"
     src.mkdir()
     data = os.urandom(5 * 1024 * 1024 + 123)
     (src / "dose.raw").write_bytes(data)
     (src / "small.txt").write_bytes(b"small")
     transfer = make_transfer()
-    hashed = mocker.spy(transfer, "_remote_hashes")
+    hashed = mocker.spy(transfer.hasher, "hashes")
     transfer.upload(src, str(remote_root / "c"), lambda p: None)
     assert (remote_root / "c" / "dose.raw").read_bytes() == data
     assert [c.args[1] for c in hashed.call_args_list if c.args[1]] == [["small.txt.part"]]  # the big one was done

@@ -18,8 +18,9 @@ from typing import Any, Optional
 import attrs
 
 from mqi_framework.protocols import Curator, GpuReading, PluginContext
+from mqi_framework.toolkit import require_ssh_plugin
 from mqi_gpu.nvidia_smi import QUERY_ARGS, SmiGpu, parse
-from mqi_gpu.runner import CommandResult, CommandRunner, LocalRunner, RemoteUnavailable, SshRunner
+from mqi_gpu.runner import CommandResult, CommandRunner, LocalRunner, PluginMissing, SshRunner
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class NvidiaSmiCurator(Curator):
         for host in s.hosts:
             try:
                 runner = self._runner(host)
-            except RemoteUnavailable as exc:
+            except PluginMissing as exc:
                 problems.append(f"host {host.name}: {exc}")
                 continue
             readings, problem = self.read_host(host)
@@ -115,9 +116,7 @@ class NvidiaSmiCurator(Curator):
         runner = self._runners.get(host.name)
         if runner is None:
             if host.ssh is not None:
-                from mqi_gpu.runner import import_ssh_connection
-
-                import_ssh_connection()  # fail now, with the message saying how to install it
+                require_ssh_plugin()  # fail now, with the message saying how to install it
                 runner = SshRunner(host.name, host.ssh)
             else:
                 runner = LocalRunner()
@@ -133,7 +132,7 @@ class NvidiaSmiCurator(Curator):
         try:
             runner = self._runner(host)
             result = runner.run([host.command, *QUERY_ARGS], self.settings.timeout_seconds)
-        except RemoteUnavailable as exc:
+        except PluginMissing as exc:
             result, runner = CommandResult(None, "", str(exc)), None
         except Exception as exc:  # a bug or an unexpected transport error: still not fatal
             log.exception("reading GPUs of %s failed", host.name)

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import abc
 import shlex
-from typing import Any
 
-from mqi_framework.toolkit import CommandResult, RemoteShell, as_result, run_local
+from mqi_framework.toolkit import CommandResult, PluginMissing, as_result, run_local, ssh_shell
 
-__all__ = ["CommandResult", "CommandRunner", "LocalRunner", "RemoteUnavailable", "SshRunner", "as_result"]
-
-
-class RemoteUnavailable(Exception):
-    """A host is configured for SSH but the SSH connection module cannot be used."""
+__all__ = ["CommandResult", "CommandRunner", "LocalRunner", "PluginMissing", "SshRunner", "as_result"]
 
 
 class CommandRunner(abc.ABC):
@@ -45,27 +40,10 @@ class SshRunner(CommandRunner):
     def __init__(self, host: str, settings: dict) -> None:
         self.where = f"over SSH on {host}"
         self.host = host
-        self.settings = dict(settings)
-        self._shell = RemoteShell(lambda: import_ssh_connection().connect(self.settings),
-                                  f"SSH to {host}", fatal=(RemoteUnavailable,))
+        self._shell = ssh_shell(settings, f"SSH to {host}")
 
     def run(self, argv: list[str], timeout: float) -> CommandResult:
         return self._shell.run(shlex.join(argv), timeout)
 
     def close(self) -> None:
         self._shell.close()
-
-
-# ----------------------------------------------------------------------------- mqi-ssh glue
-
-
-def import_ssh_connection() -> Any:
-    """The mqi-ssh connection module, or RemoteUnavailable saying how to get it."""
-    try:
-        import importlib
-
-        return importlib.import_module("mqi_ssh.connection")
-    except ImportError as exc:
-        raise RemoteUnavailable(
-            f"this host is read over SSH, which needs the mqi-ssh plugin (`pip install mqi-ssh`, in this repository "
-            f"`pip install -e plugins/mqi-ssh`): {exc}") from None

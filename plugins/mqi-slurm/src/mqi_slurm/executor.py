@@ -25,7 +25,7 @@ from typing import Any, Optional
 import attrs
 
 from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PluginContext
-from mqi_framework.toolkit import safe_component
+from mqi_framework.toolkit import job_log_fields, safe_component
 from mqi_slurm import states as st
 from mqi_slurm.site import CommandResult, LocalSite, Site, SiteUnavailable, SshSite
 
@@ -165,15 +165,15 @@ class SlurmExecutor(Executor):
         job_dir = self._job_dir(spec.job_key)
         known = (self.site.read_text(posixpath.join(job_dir, "job_id")) or "").strip()
         if known:
-            log.info("job %s is Slurm job %s already: re-attaching", spec.job_key, known)
+            log.info("%s slurm_job=%s: submitted before: re-attaching", job_log_fields(spec.job_key), known)
             return self._handle(spec.job_key, job_dir, known)
         if self.site.exists(posixpath.join(job_dir, "submitting")):
             found = self._find_by_name(self.job_name(spec.job_key))
             if found is None and self.site.exists(posixpath.join(job_dir, "exit_code")):
                 found = "0"  # it ran and Slurm forgot it: the exit-code file tells the outcome
             if found is not None:
-                log.warning("job %s was submitted before its id was recorded: adopting Slurm job %s", spec.job_key,
-                            found)
+                log.warning("%s slurm_job=%s: submitted before its id was recorded: adopting it",
+                            job_log_fields(spec.job_key), found)
                 self.site.write_text(posixpath.join(job_dir, "job_id"), found + "\n")
                 return self._handle(spec.job_key, job_dir, found)
         self.site.write_text(posixpath.join(job_dir, "command.sh"), spec.command + "\n", executable=True)
@@ -184,7 +184,7 @@ class SlurmExecutor(Executor):
             raise RuntimeError(f"sbatch {self.site.where} refused job {spec.job_key}: {result.problem()}")
         job_id = st.parse_sbatch(result.stdout)
         self.site.write_text(posixpath.join(job_dir, "job_id"), job_id + "\n")
-        log.info("job %s submitted as Slurm job %s", spec.job_key, job_id)
+        log.info("%s slurm_job=%s: submitted", job_log_fields(spec.job_key), job_id)
         self._tracked[job_id] = time.monotonic()
         return self._handle(spec.job_key, job_dir, job_id)
 

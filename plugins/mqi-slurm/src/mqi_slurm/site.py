@@ -14,13 +14,12 @@ import glob
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-from mqi_framework.toolkit import CommandResult, RemoteShell, run_local
+from mqi_framework.toolkit import CommandResult, PluginMissing, run_local, ssh_shell, write_atomic
 
-
-class SiteUnavailable(Exception):
-    """The configured site cannot be used (mqi-ssh missing for an SSH site)."""
+#: raised when the configured site cannot be used (mqi-ssh missing for an SSH site)
+SiteUnavailable = PluginMissing
 
 
 class Site(abc.ABC):
@@ -63,11 +62,7 @@ class LocalSite(Site):
     def write_text(self, path: str, text: str, *, executable: bool = False) -> None:
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        if executable:
-            tmp.chmod(0o755)
-        os.replace(tmp, target)
+        write_atomic(target, text, mode=0o755 if executable else None)
 
     def read_text(self, path: str) -> Optional[str]:
         try:
@@ -98,10 +93,7 @@ class SshSite(Site):
         self.settings = dict(settings)
         self.where = f"over SSH on {self.settings.get('hostname') or self.settings.get('host') or '?'}"
         self.timeout = timeout
-        self._remote = RemoteShell(self._open, "SSH", fatal=(SiteUnavailable,))
-
-    def _open(self) -> Any:
-        return import_ssh_connection().connect(self.settings)  # mqi-ssh validates the settings
+        self._remote = ssh_shell(self.settings, "SSH")  # mqi-ssh validates the settings
 
     def _shell(self, command: str, timeout: Optional[float] = None) -> CommandResult:
         return self._remote.run(command, timeout or self.timeout)
@@ -144,14 +136,3 @@ class SshSite(Site):
 
     def close(self) -> None:
         self._remote.close()
-
-
-def import_ssh_connection() -> Any:
-    try:
-        import importlib
-
-        return importlib.import_module("mqi_ssh.connection")
-    except ImportError as exc:
-        raise SiteUnavailable(
-            f"`ssh:` needs the mqi-ssh plugin (`pip install mqi-ssh`, in this repository "
-            f"`pip install -e plugins/mqi-ssh`): {exc}") from None

@@ -25,7 +25,7 @@ from typing import Optional
 import attrs
 
 from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PermanentError, PluginContext
-from mqi_framework.toolkit import PathEscapeError, safe_component
+from mqi_framework.toolkit import PathEscapeError, job_log_fields, safe_component
 from mqi_ssh import remote, remotepath
 from mqi_ssh.connection import SshConnection, SshError, connect
 from mqi_ssh.settings import SshHostSettings
@@ -169,7 +169,7 @@ class SshExecutor(Executor):
             raise RuntimeError(f"starting job {spec.job_key} on {host} failed (exit {result.returncode}): "
                                f"{(result.stderr or result.stdout).strip()[:300]}")
         if said[-1] == "attached":
-            log.info("job %s was started on %s before: re-attaching", spec.job_key, host)
+            log.info("%s host=%s: started before: re-attaching", job_log_fields(spec.job_key), host)
         return JobHandle(executor=self.name, job_key=spec.job_key, data={"host": host, "job_dir": job_dir})
 
     # ------------------------------------------------------------------ poll / kill
@@ -248,11 +248,11 @@ class SshExecutor(Executor):
             try:
                 self.kill(JobHandle(executor=self.name, job_key=job_key, data={"host": host, "job_dir": job_dir}))
             except (SshError, TimeoutError, RuntimeError) as exc:
-                log.warning("job %s on %s was given up while the host was away; killing it failed: %s",
-                            job_key, host, exc)
+                log.warning("%s host=%s: given up while the host was away; killing it failed: %s",
+                            job_log_fields(job_key), host, exc)
                 return
-            log.warning("job %s on %s was given up while the host was away: killed now that it answers",
-                        job_key, host)
+            log.warning("%s host=%s: given up while the host was away: killed now that it answers",
+                        job_log_fields(job_key), host)
             self._abandoned[host].pop(job_dir, None)
 
     def kill(self, handle: JobHandle) -> None:
@@ -263,7 +263,7 @@ class SshExecutor(Executor):
         if result.returncode != 0:
             raise RuntimeError(f"killing job {handle.job_key} on {host} failed (exit {result.returncode}): "
                                f"{result.stderr.strip()[:300]}")
-        log.info("job %s on %s: %s", handle.job_key, host, result.stdout.strip() or "kill sent")
+        log.info("%s host=%s: %s", job_log_fields(handle.job_key), host, result.stdout.strip() or "kill sent")
 
     # ------------------------------------------------------------------ outputs
 
@@ -273,7 +273,7 @@ class SshExecutor(Executor):
             with self._conn(host).sftp() as sftp:
                 return remotepath.tail(sftp, posixpath.join(job_dir, "output.log"), max_bytes)
         except (SshError, TimeoutError) as exc:
-            log.warning("cannot read the log of job %s on %s: %s", handle.job_key, host, exc)
+            log.warning("%s host=%s: cannot read the job's log: %s", job_log_fields(handle.job_key), host, exc)
             return ""
 
     def missing_outputs(self, patterns: list[str]) -> list[str]:
