@@ -36,7 +36,7 @@ import sqlite3
 import time
 from typing import Any, Callable, Optional
 
-from mqi_framework import command_render, outbox, retry_policy
+from mqi_framework import command_render, logfields, outbox, retry_policy
 from mqi_framework.broker.base import Broker
 from mqi_framework.config import LoadedConfig, StepConfig
 from mqi_framework.kinds import EVENTS_QUEUE, command_queue
@@ -74,6 +74,9 @@ class Conductor:
         self.actor = actor
         self._changes: list[tuple[str, str, str, dict]] = []
         self._last_prune = 0.0
+        #: while the host was down nobody could start (or report) anything: the grace for
+        #: unstarted attempts counts from the later of their dispatch and this conductor's start
+        self.started_at = clock()
 
     # ================================================================ entry points
 
@@ -137,11 +140,17 @@ class Conductor:
     def _reconcile_unstarted(self, now: float) -> None:
         """A command no worker started within every lease and retry it had (dead-lettered,
         or its queue has no worker) fails its attempt, so its GPU is released and the
-        step's retry policy applies, instead of holding the case forever. Not while events
-        wait in the queue (one may be that attempt's start), and never without telling the
-        worker: a ``cancel_step`` kills the job if it started after all."""
+        step's retry policy applies, instead of holding the case forever. Never while the
+        attempt may still start: the grace counts from this conductor's start too (a
+        restarted host's workers re-attach and report first), not while events wait in the
+        queue (one may be that attempt's start) or while its worker, alive, still has
+        commands queued before it; and never without telling the worker: a
+        ``cancel_step`` kills the job if it started after all (a late ``step.started`` of
+        the attempt is answered with one too, see :meth:`_step_for`)."""
         broker = self.cfg.broker
         grace = broker.lease_seconds * (broker.max_attempts + 1) + 60
+        if now - self.started_at < grace:
+            return
         rows = self.conn.execute(
             "SELECT s.* FROM steps s JOIN attempts a ON a.step_id = s.id AND a.attempt = s.attempt "
             "WHERE s.job IS NULL AND s.state IN ('dispatched', 'cancelling') AND a.dispatched_at < ?", (now - grace,)
@@ -149,10 +158,25 @@ class Conductor:
         if not rows or self._events_waiting():
             return
         for row in rows:
+            if self._worker_behind(row["worker"], now, grace):
+                continue
             message = f"no worker started it within {grace:.0f}s (dead-lettered? see `mqi-host dlq list`)"
             self._cancel_attempt(row, message)
             self._on_step_finished({"type": "step.finished", "step_id": row["id"], "attempt": row["attempt"],
                                     "outcome": "failed", "worker": "conductor", "message": message})
+
+    def _worker_behind(self, worker: Optional[str], now: float, grace: float) -> bool:
+        """Whether ``worker`` heartbeats and still has commands waiting in its queue (it is
+        busy with earlier work, e.g. a long line of uploads, not lost)."""
+        if self.broker is None or not worker:
+            return False
+        beat = self.conn.execute("SELECT heartbeat_at FROM workers WHERE name = ?", (worker,)).fetchone()
+        if beat is None or beat[0] is None or now - beat[0] > grace:
+            return False
+        try:
+            return self.broker.depth(command_queue(worker)) > 0
+        except Exception:  # cannot tell: assume it is behind and look again next tick
+            return True
 
     def _events_waiting(self) -> bool:
         if self.broker is None:
@@ -566,8 +590,28 @@ class Conductor:
                               f"{body.get('type')} of attempt {body.get('attempt')} ignored "
                               f"(step is {row['state']} at attempt {row['attempt']})",
                               case_id=row["case_id"], beam=row["beam_number"] or None, step=row["name"])
+            if body.get("type") == "step.started" and body.get("job"):
+                self._cancel_stale_job(row, body)
             return None
         return row
+
+    def _cancel_stale_job(self, row: sqlite3.Row, body: dict) -> None:
+        """A job started for an attempt this conductor has given up (a start reported late,
+        after a restart): it must not run beside the attempt that replaced it, on a GPU that
+        may be someone else's now. Its worker is told to kill it."""
+        worker = body.get("worker") or row["worker"]
+        if not worker or worker == "conductor":
+            return
+        job = body.get("job") or {}
+        reason = (f"attempt {body.get('attempt')} was given up before its start was reported; "
+                  f"its job is killed so that it does not run beside attempt {row['attempt']}")
+        self._send(worker, command_render.cancel_step(
+            {"step_id": row["id"], "attempt": body.get("attempt"), "job_key": job.get("job_key"),
+             "step": row["name"], "beam": row["beam_number"] or None, "worker": worker}, reason))
+        rec.add_event(self.conn, "step.stale_job_killed", reason, case_id=row["case_id"],
+                      beam=row["beam_number"] or None, step=row["name"])
+        log.warning("%s: %s", logfields.fields(self._case(row["case_id"])["uid"], row["beam_number"], row["name"],
+                                               body.get("attempt"), job.get("job_key")), reason)
 
     def _flush_notifications(self) -> None:
         changes, self._changes = self._changes, []

@@ -12,6 +12,10 @@ must remember across a restart it keeps here, written by itself alone.
 ``jobs``
     the executor's started jobs (the command and the job handle), polled on every tick and
     re-attached after a restart, until reported final.
+``starting``
+    commands whose job the executor was asked to start and whose handle is not yet in
+    ``jobs`` (the worker may have died in between): a cancel of one of them re-attaches
+    by job key and kills what it finds, never assuming that nothing started.
 ``announced``
     the scanner's announced case folder names, so that a restart does not announce every
     folder again (the conductor would ignore them, but the names may be patient ids: the
@@ -44,6 +48,9 @@ CREATE TABLE IF NOT EXISTS finished (
 CREATE TABLE IF NOT EXISTS jobs (
     step_id INTEGER NOT NULL, attempt INTEGER NOT NULL, body TEXT NOT NULL, handle TEXT NOT NULL,
     started_at REAL NOT NULL, PRIMARY KEY (step_id, attempt));
+CREATE TABLE IF NOT EXISTS starting (
+    step_id INTEGER NOT NULL, attempt INTEGER NOT NULL, body TEXT NOT NULL, at REAL NOT NULL,
+    PRIMARY KEY (step_id, attempt));
 CREATE TABLE IF NOT EXISTS announced (name TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
@@ -96,11 +103,27 @@ class Ledger:
 
     # ---------------------------------------------------------------- executor jobs
 
+    def job_starting(self, body: dict) -> None:
+        """Remember, before the executor is asked, that the job of ``body`` may start."""
+        self.conn.execute("INSERT OR REPLACE INTO starting VALUES (?, ?, ?, ?)",
+                          (body["step_id"], body["attempt"], json.dumps(body), self.clock()))
+
+    def starting(self, step_id: int, attempt: int) -> Optional[dict]:
+        """The command of a job that may have started without its handle being recorded."""
+        row = self.conn.execute("SELECT body FROM starting WHERE step_id = ? AND attempt = ?",
+                                (step_id, attempt)).fetchone()
+        return None if row is None else json.loads(row[0])
+
     def job_started(self, body: dict, handle: p.JobHandle) -> None:
-        self.conn.execute(
-            "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)",
-            (body["step_id"], body["attempt"], json.dumps(body),
-             json.dumps({"executor": handle.executor, "job_key": handle.job_key, "data": handle.data}), self.clock()))
+        with self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute(
+                "INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?)",
+                (body["step_id"], body["attempt"], json.dumps(body),
+                 json.dumps({"executor": handle.executor, "job_key": handle.job_key, "data": handle.data}),
+                 self.clock()))
+            self.conn.execute("DELETE FROM starting WHERE step_id = ? AND attempt = ?",
+                              (body["step_id"], body["attempt"]))
 
     def job(self, step_id: int, attempt: int) -> Optional[tuple[dict, p.JobHandle]]:
         row = self.conn.execute("SELECT body, handle FROM jobs WHERE step_id = ? AND attempt = ?",
@@ -136,6 +159,7 @@ class Ledger:
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("DELETE FROM tombstones WHERE at < ?", (horizon,))
             self.conn.execute("DELETE FROM finished WHERE at < ?", (horizon,))
+            self.conn.execute("DELETE FROM starting WHERE at < ?", (horizon,))
 
     def _has(self, table: str, step_id: int, attempt: int) -> bool:
         return self.conn.execute(f"SELECT 1 FROM {table} WHERE step_id = ? AND attempt = ?",

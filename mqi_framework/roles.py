@@ -262,11 +262,15 @@ class ExecuteRole(Role):
         if known is not None:  # a re-delivery of a command whose job runs: tell its start again
             self._started(body, known[1], again=True)
             return
-        spec = p.JobSpec(job_key=body["job_key"], command=body["command"], workdir=body["workdir"],
-                         timeout=body.get("timeout"), env=dict(body.get("env") or {}), gpu=body.get("gpu"))
-        handle = self.impl.start(spec)  # idempotent by job key: a second start re-attaches
+        self.ledger.job_starting(body)  # a death between start and job_started is not "never started"
+        handle = self.impl.start(self._spec(body))  # idempotent by job key: a second start re-attaches
         self.ledger.job_started(body, handle)
         self._started(body, handle)
+
+    @staticmethod
+    def _spec(body: dict) -> p.JobSpec:
+        return p.JobSpec(job_key=body["job_key"], command=body["command"], workdir=body["workdir"],
+                         timeout=body.get("timeout"), env=dict(body.get("env") or {}), gpu=body.get("gpu"))
 
     def _started(self, body: dict, handle: p.JobHandle, *, again: bool = False) -> None:
         self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time(),
@@ -276,7 +280,17 @@ class ExecuteRole(Role):
     def cancel(self, body: dict) -> None:
         known = self.ledger.job(body["step_id"], body["attempt"])
         if known is None:
-            super().cancel(body)
+            run = self.ledger.starting(body["step_id"], body["attempt"])
+            if run is None:
+                super().cancel(body)
+                return
+            # this worker asked for the job and died before it recorded the handle: the job
+            # may run. Re-attaching by job key finds it (or starts it, to be killed at once)
+            log.warning("%s: cancelled while its start was unconfirmed: re-attaching to kill it", fields(body))
+            self.ledger.cancel(body["step_id"], body["attempt"])
+            handle = self.impl.start(self._spec(run))
+            self.ledger.job_started(run, handle)
+            self._kill(run, handle)
             return
         self.ledger.cancel(body["step_id"], body["attempt"])
         self._kill(*known)

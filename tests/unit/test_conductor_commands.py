@@ -125,3 +125,61 @@ def test_unreachable_attempts_are_free_until_the_cap(env):
     assert state() == "failed" and tries == limit
     kinds = {r[0] for r in conn.execute("SELECT outcome FROM attempts WHERE step_id = ?", (step_id,))}
     assert kinds == {"unreachable"}
+
+
+def test_a_restarted_conductor_gives_the_workers_a_full_grace_before_giving_up(env):
+    """Issue 13.1: a host down longer than the grace while a simulation started must not,
+    on restart, declare the attempt unstarted before its worker re-attached and reported."""
+    conductor, conn, clock = env
+    sims = to_simulation(conductor, conn)
+    clock.now += 3600  # the host was down an hour
+    restarted = Conductor(conductor.loaded, conn, clock=clock, rng=random.Random(1))
+    restarted.tick()
+    assert outbox(conn, "mqi.execute", "cancel_step") == []
+    assert conn.execute("SELECT state FROM steps WHERE id = ?", (sims[0]["step_id"],)).fetchone()[0] == "dispatched"
+    # the worker re-attached and reported: the attempt simply runs on
+    send(restarted, {"type": "step.started", "step_id": sims[0]["step_id"], "attempt": 1,
+                     "job": {"executor": "local", "job_key": sims[0]["job_key"], "data": {}}, "worker": "execute"})
+    clock.now += 3600
+    restarted.tick()
+    assert conn.execute("SELECT state FROM steps WHERE id = ?", (sims[0]["step_id"],)).fetchone()[0] == "running"
+    cancels = outbox(conn, "mqi.execute", "cancel_step")
+    assert [c["step_id"] for c in cancels] == [sims[1]["step_id"]]  # the one nobody ever started
+
+
+def test_a_late_start_of_a_given_up_attempt_has_its_job_killed(env):
+    conductor, conn, clock = env
+    sims = to_simulation(conductor, conn)
+    clock.now += 3600
+    conductor.tick()  # attempt 1 of both beams given up
+    before = len(outbox(conn, "mqi.execute", "cancel_step"))
+    job = {"executor": "local", "job_key": sims[0]["job_key"], "data": {}}
+    send(conductor, {"type": "step.started", "step_id": sims[0]["step_id"], "attempt": 1, "job": job,
+                     "worker": "execute"})
+    cancels = outbox(conn, "mqi.execute", "cancel_step")
+    assert len(cancels) == before + 1
+    late = cancels[-1]
+    assert (late["step_id"], late["attempt"], late["job_key"]) == (sims[0]["step_id"], 1, sims[0]["job_key"])
+    assert "does not run beside" in late["reason"]
+    kinds = [r[0] for r in conn.execute("SELECT kind FROM events WHERE step = 'simulate'")]
+    assert "step.stale_job_killed" in kinds
+
+
+def test_a_live_worker_with_commands_queued_is_behind_not_lost(env):
+    conductor, conn, clock = env
+
+    class Broker:
+        def depth(self, queue):
+            return 3 if queue == "mqi.execute" else 0
+
+    to_simulation(conductor, conn)
+    conductor.broker = Broker()
+    clock.now += 3600
+    with transaction(conn):
+        rec.worker_state(conn, "execute", "executor", pid=1, state="running")
+    conn.execute("UPDATE workers SET heartbeat_at = ? WHERE name = 'execute'", (clock.now,))
+    conductor.tick()
+    assert outbox(conn, "mqi.execute", "cancel_step") == []
+    conn.execute("UPDATE workers SET heartbeat_at = ? WHERE name = 'execute'", (clock.now - 3600,))
+    conductor.tick()  # its heartbeat stopped: the commands will not be taken
+    assert len(outbox(conn, "mqi.execute", "cancel_step")) == 2

@@ -119,6 +119,30 @@ def test_a_restarted_worker_reattaches_from_its_ledger(tmp_path):
     assert executor.started == ["case-000001-simulate-b1-a1"]
 
 
+def test_a_worker_that_died_between_start_and_ledger_kills_the_job_on_cancel(tmp_path):
+    """Issue 13.1: the executor started the job, the worker died before it recorded the
+    handle; the command was dead-lettered and the conductor gave the attempt up. The cancel
+    must find the job by its key and kill it, not report "cancelled before it started"."""
+    first, executor = Runtime(tmp_path), FakeExecutor()
+
+    class DiesAfterStart(FakeExecutor):
+        def start(self, spec: p.JobSpec) -> p.JobHandle:
+            handle = executor.start(spec)
+            raise SystemExit(f"SIGKILL after starting {handle.job_key}")
+
+    with pytest.raises(SystemExit):
+        ExecuteRole(first, DiesAfterStart()).handle(run_step())
+    first.ledger.close()
+    again = Runtime(tmp_path)
+    role = ExecuteRole(again, executor)
+    role.handle(cancel_step())
+    assert executor.started == ["case-000001-simulate-b1-a1"] * 2  # re-attached by job key
+    assert executor.killed == ["case-000001-simulate-b1-a1"]
+    assert again.finals() == [(1, "cancelled", "killed on cancel")]
+    role.handle(run_step())  # a late re-delivery is dropped
+    assert executor.started == ["case-000001-simulate-b1-a1"] * 2
+
+
 def test_a_redelivered_command_starts_nothing_twice(execute):
     runtime, executor, role = execute
     role.handle(run_step())
