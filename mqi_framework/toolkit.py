@@ -16,6 +16,7 @@ own plugins use, so a site plugin gets the same guarantees:
   :func:`optional_plugin`, :class:`PluginMissing`;
 * log lines in the one format (``case=… beam=… step=… attempt=… job=…``): :func:`log_fields`,
   :func:`job_log_fields` (from a job key, all an executor knows);
+* waits the host must not mistake for a hang (the heartbeat goes on): :func:`waiting`;
 * settings validated into an attrs class with the config's errors (YAML paths):
   :func:`structure_settings`;
 * the builtin local executor, to extend (``class MyLauncher(LocalExecutor)``):
@@ -34,11 +35,12 @@ from mqi_framework.logfields import fields as log_fields
 from mqi_framework.logfields import from_job_key as job_log_fields
 from mqi_framework.safepath import PathEscapeError, is_within, safe_component, safe_join
 from mqi_framework.tree import MANIFEST, TreeFile, manifest_text, walk_tree, write_manifest
+from mqi_framework.waits import waiting
 
 __all__ = [
     "CommandResult", "LocalExecutor", "MANIFEST", "PART_SUFFIX", "PathEscapeError", "PluginMissing",
     "RemoteShell", "TreeFile", "VerificationError", "as_result", "copy_verified", "fsync_dir",
     "is_within", "job_log_fields", "log_fields", "manifest_text", "optional_plugin", "part_path",
     "require_ssh_plugin", "run_local", "safe_component", "safe_join", "sha256_file", "ssh_shell",
-    "structure_settings", "walk_tree", "write_atomic", "write_manifest",
+    "structure_settings", "waiting", "walk_tree", "write_atomic", "write_manifest",
 ]

@@ -28,6 +28,7 @@ from mqi_framework.broker import open_broker
 from mqi_framework.broker.base import Broker, BrokerUnavailable, Delivery, RetryPolicy
 from mqi_framework.config import LoadedConfig
 from mqi_framework.conductor import Conductor
+from mqi_framework.heartbeat import Heartbeat
 from mqi_framework.kinds import EVENTS_QUEUE, KINDS, command_queue
 from mqi_framework.ledger import Ledger, ledger_path
 from mqi_framework.store import open_state
@@ -77,7 +78,7 @@ class WorkerRuntime:
         self.conn: sqlite3.Connection = open_state(loaded.database_path)
         self.broker = make_broker(loaded)
         self.heartbeat_every = loaded.config.supervision.heartbeat_seconds
-        self._last_heartbeat = 0.0
+        self._beat: Optional[Heartbeat] = None
         self._last_tick = 0.0
         self._current: Optional[Delivery] = None
         self._current_since = 0.0
@@ -114,9 +115,11 @@ class WorkerRuntime:
         self.broker.publish(EVENTS_QUEUE, body, message_id=uuid.uuid4().hex)
 
     def heartbeat(self, *, force: bool = False, state: str = "running") -> None:
-        now = time.monotonic()
-        if force or now - self._last_heartbeat >= self.heartbeat_every:
-            self._last_heartbeat = now
+        """Show that this worker is alive: a mark in memory that the heartbeat thread writes
+        (:mod:`mqi_framework.heartbeat`); ``force`` writes the row now, with ``state``."""
+        if self._beat is not None:
+            self._beat.alive()
+        if force:
             rec.worker_state(self.conn, self.name, self.kind, pid=os.getpid(), state=state)
 
     def build_interpreter(self) -> p.Interpreter:
@@ -137,10 +140,13 @@ class WorkerRuntime:
         signal.signal(signal.SIGINT, self.stop)
         log.info("%s (%s) started, pid %d", self.name, self.kind, os.getpid())
         self.heartbeat(force=True)
+        self._beat = Heartbeat(self.loaded.database_path, self.name, self.kind, self.heartbeat_every)
+        self._beat.start()
         try:
             while not self.stopping:
                 self.step_once()
         finally:
+            self._beat.stop()
             self.heartbeat(force=True, state="stopped")
             self.close()
         log.info("%s stopped", self.name)

@@ -183,9 +183,10 @@ def gpus(conn: sqlite3.Connection) -> list[dict]:
 
 
 def worker_state(conn: sqlite3.Connection, name: str, kind: str, *, pid: Optional[int], state: str,
-                 message: str = "", heartbeat: bool = True) -> None:
-    """Upsert a worker's row (autocommit: a single statement)."""
-    now = time.time()
+                 message: str = "", heartbeat: bool = True, alive_at: Optional[float] = None) -> None:
+    """Upsert a worker's row (autocommit: a single statement). ``alive_at``: when the
+    worker last showed it is alive (default: now)."""
+    now = time.time() if alive_at is None else alive_at
     conn.execute(
         """INSERT INTO workers(name, kind, pid, state, started_at, heartbeat_at, message)
            VALUES (?,?,?,?,?,?,?)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Optional
 
 import pika
 
+from ...waits import waiting
 from ..base import Broker, BrokerError, BrokerUnavailable, DeadLetter, Delivery, QueueStats, RetryPolicy, redact_url
 from .deadletters import DeadLetterQueues, dead_letter_headers
 from .link import (BACKOFF_FIRST, BACKOFF_MAX, LINK_ERRORS, Connections, Link, ThreadState, connection_parameters,
@@ -146,7 +147,8 @@ class RabbitBroker(Broker):
                     f"could not publish to {queue!r}: RabbitMQ at {self.where} unavailable for "
                     f"{self.reconnect_seconds:.0f}s "
                     f"({self._redact(str(last) if isinstance(last, BrokerError) else describe(last))})")
-            time.sleep(min(left, backoff * self._rng.uniform(0.5, 1.0)))
+            with waiting(f"RabbitMQ at {self.where}"):
+                time.sleep(min(left, backoff * self._rng.uniform(0.5, 1.0)))
             backoff = min(BACKOFF_MAX, backoff * 2)
 
     def publish(self, queue: str, body: dict, *, message_id: Optional[str] = None, delay: float = 0.0) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional, Union
 
 import paramiko
 
-from mqi_framework.toolkit import CommandResult
+from mqi_framework.toolkit import CommandResult, waiting
 from mqi_ssh.errors import AuthError, HostKeyError, SshError, SshUnreachable
 from mqi_ssh.handshake import authenticate, fingerprint, handshake
 from mqi_ssh.settings import JumpHostSettings, SshHostSettings
@@ -66,7 +66,8 @@ class _ConnectionBudget:
                 wait = 60.0 - (now - recent[0])
             log.warning("SSH %s: %d new connections in the last minute (the limit): waiting %.1fs", label,
                         per_minute, wait)
-            time.sleep(min(wait, 5.0))
+            with waiting(f"SSH connection limit of {label}"):
+                time.sleep(min(wait, 5.0))
 
 
 _BUDGET = _ConnectionBudget()
@@ -226,8 +227,11 @@ class SshConnection:
     @contextlib.contextmanager
     def channel_slot(self) -> Iterator[None]:
         """Hold one of the host's ``max_channels`` channel slots."""
-        if not self._shared.channels.acquire(timeout=max(60.0, self.settings.command_timeout_seconds)):
-            raise SshError(f"SSH {self.label}: no free channel (max_channels={self.settings.max_channels} busy)")
+        if not self._shared.channels.acquire(blocking=False):
+            with waiting(f"a free SSH channel on {self.label}"):
+                free = self._shared.channels.acquire(timeout=max(60.0, self.settings.command_timeout_seconds))
+            if not free:
+                raise SshError(f"SSH {self.label}: no free channel (max_channels={self.settings.max_channels} busy)")
         try:
             yield
         finally:
@@ -250,7 +254,7 @@ class SshConnection:
         status, e.g. for a command killed by a signal).
         """
         limit = self.settings.command_timeout_seconds if timeout is None else timeout
-        with self.channel_slot():
+        with self.channel_slot(), waiting(f"a command on {self.label} (at most {limit:.0f}s)"):
             channel = self._open_session()
             try:
                 return self._exec(channel, command, limit, stdin)
