@@ -41,15 +41,15 @@ def test_same_seed_gives_the_same_delivery_folders(tmp_path):
 
 def test_no_plan_is_rejected(inbox, interpreter):
     case = generate_case(inbox, "NOPLAN", seed=1)
-    for rp in case.glob("RP*.dcm"):
+    for rp in case.glob("R[NP]*.dcm"):
         rp.unlink()
-    with pytest.raises(CaseRejected, match=r"no RT Ion Plan \(RP\*\.dcm\)"):
+    with pytest.raises(CaseRejected, match=r"no RT Ion Plan in the case folder"):
         interpreter.interpret(case)
 
 
 def test_two_plans_are_rejected(inbox, interpreter):
     case = generate_case(inbox, "TWO", seed=1)
-    rp = next(case.glob("RP*.dcm"))
+    rp = next(case.glob("R[NP]*.dcm"))
     shutil.copy(rp, case / "RP.copy.dcm")
     with pytest.raises(CaseRejected, match="expected exactly one"):
         interpreter.interpret(case)
@@ -59,17 +59,18 @@ def test_two_plans_are_rejected(inbox, interpreter):
                          ids=["empty", "text", "truncated"])
 def test_garbage_plan_is_rejected(inbox, interpreter, content):
     case = generate_case(inbox, "GARBAGE", seed=1)
-    next(case.glob("RP*.dcm")).write_bytes(content)
+    rp = next(case.glob("R[NP]*.dcm"))
+    rp.write_bytes(content)
     with pytest.raises(CaseRejected) as info:
         interpreter.interpret(case)
-    assert "RT Ion Plan" in str(info.value)
+    assert f"{rp.name} in the case folder is not readable DICOM" in str(info.value)
 
 
 def test_photon_plan_is_rejected(inbox, interpreter):
     import pydicom
 
     case = generate_case(inbox, "PHOTON", seed=1)
-    rp = next(case.glob("RP*.dcm"))
+    rp = next(case.glob("R[NP]*.dcm"))
     ds = pydicom.dcmread(rp)
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.5"
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -82,7 +83,7 @@ def test_wrong_modality_is_rejected(inbox, interpreter):
     import pydicom
 
     case = generate_case(inbox, "CT", seed=1)
-    rp = next(case.glob("RP*.dcm"))
+    rp = next(case.glob("R[NP]*.dcm"))
     ds = pydicom.dcmread(rp)
     ds.Modality = "CT"
     ds.save_as(rp)
@@ -128,9 +129,9 @@ def test_symlinked_entries_are_not_followed(tmp_path, inbox, interpreter):
     plan = interpreter.interpret(case)
     assert plan.missing == [3]
     # a symlinked plan is not a plan
-    rp = next(case.glob("RP*.dcm"))
+    rp = next(case.glob("R[NP]*.dcm"))
     rp.unlink()
-    os.symlink(next(outside.glob("RP*.dcm")), case / rp.name)
+    os.symlink(next(outside.glob("R[NP]*.dcm")), case / rp.name)
     with pytest.raises(CaseRejected, match="no RT Ion Plan"):
         interpreter.interpret(case)
 
@@ -166,6 +167,10 @@ def test_crlf_bom_planinfo_maps_the_beam(inbox, interpreter):
     case = generate_case(inbox, "CRLF", seed=1, missing_beams=(1,))
     folder = case / "odd"
     folder.mkdir()
-    (folder / "PlanInfo.txt").write_bytes("\ufeffDICOM_PATIENT_ID,P\r\n\r\n DICOM_BEAM_NUMBER , 1 \r\n".encode())
+    import pydicom
+
+    study = pydicom.dcmread(next(case.glob("R[NP]*.dcm"))).StudyInstanceUID
+    (folder / "PlanInfo.txt").write_bytes(f"\ufeffDICOM_PATIENT_ID,{fake_patient_id(1)}\r\nDICOM_STUDY_INS_UID, {study}\r\n"
+                                          "\r\n DICOM_BEAM_NUMBER , 1 \r\n".encode())
     plan = interpreter.interpret(case)
     assert plan.missing == [] and plan.beams[0].delivery_dir == "odd"

@@ -104,7 +104,7 @@ def test_prepare_is_idempotent(inbox, tmp_path, interpreter):
 def test_deidentification_removes_patient_identifiers(inbox, tmp_path, interpreter):
     case = generate_case(inbox, "CASE", seed=11)
     pid, pname = fake_patient_id(11).encode(), fake_patient_name(11).encode()
-    assert pid in next(case.glob("RP*.dcm")).read_bytes()
+    assert pid in next(case.glob("R[NP]*.dcm")).read_bytes()
     assert pid in (case / delivery_folder_name(11, 1) / "PlanInfo.txt").read_bytes()
     staging = tmp_path / "staging"
     interpreter.prepare(case, interpreter.interpret(case), staging, REMOTE)
@@ -118,7 +118,7 @@ def test_deidentification_removes_patient_identifiers(inbox, tmp_path, interpret
     planinfo = (staging / "beams" / "1" / "logs" / "PlanInfo.txt").read_text()
     assert "DICOM_PATIENT_ID,ANON" in planinfo and "DICOM_BEAM_NUMBER,1" in planinfo
     assert interpreter.interpret(case)  # the case folder itself is untouched
-    assert pid in next(case.glob("RP*.dcm")).read_bytes()
+    assert pid in next(case.glob("R[NP]*.dcm")).read_bytes()
 
 
 def test_deidentify_false_copies_as_is(inbox, tmp_path):
@@ -126,7 +126,7 @@ def test_deidentify_false_copies_as_is(inbox, tmp_path):
     case = generate_case(inbox, "CASE", seed=11)
     staging = tmp_path / "staging"
     interp.prepare(case, interp.interpret(case), staging, REMOTE)
-    assert (staging / "dicom" / "RTPLAN.dcm").read_bytes() == next(case.glob("RP*.dcm")).read_bytes()
+    assert (staging / "dicom" / "RTPLAN.dcm").read_bytes() == next(case.glob("R[NP]*.dcm")).read_bytes()
     assert fake_patient_id(11).encode() in (staging / "beams" / "1" / "logs" / "PlanInfo.txt").read_bytes()
 
 

@@ -83,7 +83,7 @@ def fill_state(conn: sqlite3.Connection, *, cases: int = 20, beams_per_case: int
         attention = 0
         steps_to_run = len(CASE_STEPS)
         if state == "rejected":
-            message = f"no RT Ion Plan (RP*.dcm) in the case folder {name}: add the plan and retry"
+            message = f"no RT Ion Plan in the case folder {name}: add the plan and retry"
             attention = 1
             steps_to_run = 1
         elif state == "failed":

@@ -2,7 +2,7 @@
 
 Case folder (docs: DESIGN.md section 2)::
 
-    <case>/RP*.dcm                  exactly one RT Ion Plan
+    <case>/<any name>.dcm           exactly one RT Ion Plan, found by its SOP class (RN*.dcm, RP*.dcm, ...)
     <case>/<delivery>/PlanInfo.txt  KEY,VALUE lines; DICOM_BEAM_NUMBER maps the folder to a beam
     <case>/<delivery>/*.ptn, *.mgn  machine logs, copied as they are
 
@@ -36,12 +36,15 @@ from mqi_framework.toolkit import write_atomic
 
 from mqi_moqui.deid import deidentify_dataset, deidentify_plan_info
 from mqi_moqui.logjudge import judge_log
+from mqi_moqui.plancheck import check_plan, required_beams
 from mqi_moqui.rtplan import find_plan_file, read_plan, save_dataset
 
 log = logging.getLogger(__name__)
 
 PLAN_INFO = "PlanInfo.txt"
 BEAM_NUMBER_KEY = "DICOM_BEAM_NUMBER"
+PATIENT_ID_KEY = "DICOM_PATIENT_ID"
+STUDY_UID_KEY = "DICOM_STUDY_INS_UID"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
@@ -68,6 +71,18 @@ class MoquiSettings:
     extra_keys: dict[str, str] = attrs.field(factory=dict, validator=_check_extra_keys)
     #: ``GPUID`` written into the input file (the command usually selects the GPU with CUDA_VISIBLE_DEVICES)
     gpu_id: int = 0
+    #: which beams a case needs: ``fraction_groups`` (the beams of the fraction groups that
+    #: were delivered; every fraction group while none is) or ``treatment`` (every treatment beam)
+    required_beams: Literal["fraction_groups", "treatment"] = "fraction_groups"
+    #: how a delivery folder is matched to the plan's patient and study through PlanInfo.txt:
+    #: ``patient_and_study`` (DICOM_PATIENT_ID and DICOM_STUDY_INS_UID must be there and
+    #: equal the plan's PatientID and StudyInstanceUID), ``patient`` (the patient id only) or
+    #: ``off`` (not checked: only for sites whose logs carry neither)
+    delivery_identity: Literal["patient_and_study", "patient", "off"] = "patient_and_study"
+    #: radiation types of treatment beams the engine simulates (upstream Moqui: protons)
+    radiation_types: list[str] = attrs.field(factory=lambda: ["PROTON"])
+    #: scan modes of treatment beams the engine simulates (upstream Moqui: spot scanning)
+    scan_modes: list[str] = attrs.field(factory=lambda: ["MODULATED"])
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -167,30 +182,11 @@ class MoquiInterpreter(Interpreter):
         case_dir = Path(case_dir)
         if not case_dir.is_dir():
             raise CaseRejected("the case folder does not exist or is not a folder")
+        settings: MoquiSettings = self.settings
         ds = read_plan(find_plan_file(case_dir))
-        ion_beams = ds.get("IonBeamSequence")
-        if not ion_beams:
-            raise CaseRejected("the RT Ion Plan has no IonBeamSequence (no beams); export the complete plan")
-        treatment: dict[int, str] = {}
-        setup: list[int] = []
-        machines: list[str] = []
-        seen: set[int] = set()
-        for item in ion_beams:
-            number = item.get("BeamNumber")
-            if number is None:
-                raise CaseRejected("a beam of the RT Ion Plan has no BeamNumber; export the plan again")
-            number = int(number)
-            if number in seen:
-                raise CaseRejected(f"the RT Ion Plan lists beam number {number} twice; export the plan again")
-            seen.add(number)
-            delivery_type = str(item.get("TreatmentDeliveryType", "TREATMENT") or "TREATMENT").upper()
-            if delivery_type == "TREATMENT":
-                treatment[number] = str(item.get("BeamName", "") or "")
-                machine = str(item.get("TreatmentMachineName", "") or "")
-                if machine and machine not in machines:
-                    machines.append(machine)
-            else:
-                setup.append(number)
+        summary = check_plan(ds, radiation_types=settings.radiation_types, scan_modes=settings.scan_modes)
+        treatment = summary.treatment
+        setup = [n for n, b in summary.beams.items() if not b.treatment]
         if not treatment:
             raise CaseRejected(
                 f"the RT Ion Plan has no treatment beam (TreatmentDeliveryType TREATMENT); "
@@ -209,6 +205,7 @@ class MoquiInterpreter(Interpreter):
                 kind = "a setup beam" if number in setup else "not a beam of the plan"
                 ignored.append(f"{folder}: beam {number} is {kind}")
                 continue
+            self._check_identity(ds, folder, number, values)
             if number in deliveries:
                 raise CaseRejected(
                     f"two delivery folders name beam {number} ({deliveries[number]} and {folder}); "
@@ -218,18 +215,48 @@ class MoquiInterpreter(Interpreter):
         for note in ignored:
             log.info("moqui: ignored delivery folder %s", note)
 
-        beams = [BeamPlan(number=n, name=treatment[n], delivery_dir=deliveries.get(n)) for n in sorted(treatment)]
-        missing = [n for n in sorted(treatment) if n not in deliveries]
+        needed, notes = required_beams(summary, settings.required_beams, deliveries)
+        beams = [BeamPlan(number=n, name=treatment[n].name, delivery_dir=deliveries.get(n)) for n in needed]
+        missing = [n for n in needed if n not in deliveries]
+        machines = sorted({b.machine for b in treatment.values() if b.machine})
         info: dict[str, Any] = {
             "plan_label": str(ds.get("RTPlanLabel", "") or ""),
             "treatment_machine": ", ".join(machines),
             "treatment_beams": len(treatment),
             "setup_beams": len(setup),
             "deliveries": len(deliveries),
+            "required_beams": needed,
+            "fraction_groups": [g.info() for g in summary.fraction_groups],
+            "beam_details": [treatment[n].info() for n in sorted(treatment)],
+            "delivery_identity": settings.delivery_identity,
         }
+        if notes:
+            info["notes"] = notes
         if ignored:
             info["ignored_deliveries"] = ignored
         return CasePlan(beams=beams, missing=missing, info=info)
+
+    def _check_identity(self, ds: Any, folder: str, beam: int, values: dict[str, str]) -> None:
+        """A delivery folder of another patient or study is never this case's delivery:
+        holding the case is the only safe answer (issue 14.2). The identifiers themselves
+        stay out of the message."""
+        policy = self.settings.delivery_identity
+        if policy == "off":
+            return
+        checks = [(PATIENT_ID_KEY, "PatientID", "patient")]
+        if policy == "patient_and_study":
+            checks.append((STUDY_UID_KEY, "StudyInstanceUID", "study"))
+        for key, attribute, what in checks:
+            delivered = values.get(key, "").strip()
+            planned = str(ds.get(attribute, "") or "").strip()
+            if not delivered:
+                raise CaseRejected(
+                    f"delivery folder {folder} (beam {beam}): {PLAN_INFO} has no {key}, so it cannot be matched to "
+                    f"the plan's {what}; export the delivery again (or set delivery_identity for this site)")
+            if delivered != planned:
+                raise CaseRejected(
+                    f"delivery folder {folder} (beam {beam}) belongs to another {what}: {PLAN_INFO}'s {key} is not "
+                    f"the plan's {attribute}; put this patient's delivery in the case, then retry it")
 
     # -- prepare --------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Finding and reading the RT Ion Plan of a case folder with pydicom (imported lazily, so
+"""Finding (by content) and reading the RT Ion Plan of a case folder with pydicom (imported lazily, so
 that loading the plugin stays cheap), and saving a dataset on every supported pydicom."""
 
 from __future__ import annotations
@@ -15,23 +15,83 @@ RT_ION_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.8"
 RT_PLAN_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.5"  # photon/electron RT Plan: not for Moqui
 
 
+#: top-level files of a case folder that are never DICOM
+_NOT_DICOM = {"planinfo.txt", "_case_ready"}
+
+
+def display_name(name: str) -> str:
+    """A file name as it may appear in a message: escaped (no control characters) and short."""
+    shown = ascii(name)[1:-1]
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file (``DICM`` after the 128-byte preamble) or a ``.dcm`` name."""
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def _sop_class(path: Path) -> str:
+    """The SOP Class UID of a DICOM file (header only); raises on a file pydicom cannot read."""
+    import pydicom
+
+    with quiet_pydicom():
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
+                             specific_tags=["SOPClassUID", "Modality"])
+    meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
+    if not sop:
+        raise ValueError("no SOP Class UID")
+    return sop
+
+
 def find_plan_file(case_dir: Path) -> Path:
-    candidates = sorted(
-        entry for entry in case_dir.iterdir()
-        if entry.name.upper().startswith("RP") and entry.name.lower().endswith(".dcm")
-        and not entry.is_symlink() and entry.is_file()
-    )
-    if not candidates:
+    """The case's RT Ion Plan, found by content (SOP Class UID), whatever its name: Eclipse
+    and ARIA export ``RN<uid>.dcm``, RayStation ``RP*.dcm``, people anything. Exactly one
+    must be at the top of the case folder; a photon plan, a second ion plan or a ``.dcm``
+    file that is not readable DICOM is a rejection that names the file."""
+    plans, photon, unreadable, others = [], [], [], 0
+    for entry in sorted(case_dir.iterdir(), key=lambda e: e.name):
+        if entry.name.lower() in _NOT_DICOM or entry.is_symlink() or not entry.is_file():
+            continue
+        if not _looks_like_dicom(entry):
+            continue
+        try:
+            sop = _sop_class(entry)
+        except Exception:  # noqa: BLE001 - whatever pydicom raises, the file is not usable
+            unreadable.append(entry)
+            continue
+        if sop == RT_ION_PLAN_SOP_CLASS:
+            plans.append(entry)
+        elif sop == RT_PLAN_SOP_CLASS:
+            photon.append(entry)
+        else:
+            others += 1
+    if unreadable:
         raise CaseRejected(
-            "no RT Ion Plan (RP*.dcm) in the case folder; export the plan from the TPS as RP<...>.dcm "
-            "into the top of the case folder, then retry the case"
-        )
-    if len(candidates) > 1:
+            f"{display_name(unreadable[0].name)} in the case folder is not readable DICOM"
+            + (f" ({len(unreadable) - 1} more such file(s))" if len(unreadable) > 1 else "")
+            + "; export it again from the TPS or remove it, then retry the case")
+    if len(plans) > 1:
         raise CaseRejected(
-            f"{len(candidates)} files match RP*.dcm in the case folder, expected exactly one RT Ion Plan; "
-            "keep only the plan that was delivered, then retry the case"
-        )
-    return candidates[0]
+            f"{len(plans)} RT Ion Plans in the case folder ({', '.join(display_name(p.name) for p in plans[:4])}), "
+            "expected exactly one; keep only the plan that was delivered, then retry the case")
+    if plans:
+        return plans[0]
+    if photon:
+        raise CaseRejected(
+            f"{display_name(photon[0].name)} is a photon/electron RT Plan (SOP class {RT_PLAN_SOP_CLASS}), not an "
+            f"RT Ion Plan; Moqui needs the proton plan (SOP class {RT_ION_PLAN_SOP_CLASS})")
+    found = f" ({others} other DICOM file(s): CT, structures or doses)" if others else ""
+    raise CaseRejected(
+        f"no RT Ion Plan in the case folder{found}; export the plan (any file name, e.g. RN<...>.dcm) from "
+        "the TPS into the top of the case folder, then retry the case")
 
 
 @contextlib.contextmanager
@@ -59,12 +119,12 @@ def read_plan(path: Path) -> Any:
             ds = pydicom.dcmread(str(path))
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CaseRejected(
-            f"the RT Ion Plan file (RP*.dcm) is not readable DICOM ({type(exc).__name__}); "
+            f"the RT Ion Plan file {display_name(path.name)} is not readable DICOM ({type(exc).__name__}); "
             "export the plan again from the TPS, then retry the case"
         ) from None
     except Exception as exc:  # pydicom raises a zoo of errors on corrupt files
         raise CaseRejected(
-            f"the RT Ion Plan file (RP*.dcm) could not be read ({type(exc).__name__}); "
+            f"the RT Ion Plan file {display_name(path.name)} could not be read ({type(exc).__name__}); "
             "export the plan again from the TPS, then retry the case"
         ) from None
     meta = getattr(ds, "file_meta", None)
@@ -72,12 +132,12 @@ def read_plan(path: Path) -> Any:
     modality = str(ds.get("Modality", ""))
     if sop_class == RT_PLAN_SOP_CLASS:
         raise CaseRejected(
-            "the RP*.dcm file is a photon/electron RT Plan, not an RT Ion Plan "
+            f"{display_name(path.name)} is a photon/electron RT Plan, not an RT Ion Plan "
             f"(SOP class {RT_PLAN_SOP_CLASS}); Moqui needs the proton plan (SOP class {RT_ION_PLAN_SOP_CLASS})"
         )
     if sop_class != RT_ION_PLAN_SOP_CLASS or modality != "RTPLAN":
         raise CaseRejected(
-            f"the RP*.dcm file is not an RT Ion Plan: expected Modality RTPLAN and SOP class "
+            f"{display_name(path.name)} is not an RT Ion Plan: expected Modality RTPLAN and SOP class "
             f"{RT_ION_PLAN_SOP_CLASS}, found Modality {modality or '(none)'} and SOP class {sop_class or '(none)'}; "
             "export the RT Ion Plan from the TPS, then retry the case"
         )

@@ -174,7 +174,7 @@ def generate_case(
     case_dir = Path(inbox) / case_id
     case_dir.mkdir(parents=True, exist_ok=True)
     ds = _plan_dataset(case_id, seed, treatment_beams, setup_beams)
-    save_dataset(ds, str(case_dir / f"RP.{ds.SOPInstanceUID}.dcm"))
+    save_dataset(ds, str(case_dir / f"RN{ds.SOPInstanceUID}.dcm"))  # as Eclipse/ARIA name RT Ion Plans
 
     rng = random.Random(f"mqi-moqui-sample-logs-{seed}")
     for beam in range(1, treatment_beams + 1):
@@ -185,6 +185,7 @@ def generate_case(
         moment = _BASE_TIME + dt.timedelta(days=seed, minutes=7 * (beam - 1))
         lines = [
             f"DICOM_PATIENT_ID,{fake_patient_id(seed)}",
+            f"DICOM_STUDY_INS_UID,{ds.StudyInstanceUID}",
             f"DICOM_BEAM_NUMBER,{beam}",
             f"DICOM_BEAM_NAME,{ds.IonBeamSequence[beam - 1].BeamName}",
             f"DICOM_RTPLAN_LABEL,{ds.RTPlanLabel}",
