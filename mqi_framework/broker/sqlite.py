@@ -18,6 +18,11 @@ Threads: one ``SqliteBroker`` holds one connection, opened with
 (calls are serialised); in practice each worker uses its own instance from one thread.
 Processes must each open their own instance (never share one across ``fork``).
 
+Why this module is over 400 lines: it is one class implementing the whole
+:class:`~mqi_framework.broker.base.Broker` contract on one table, and publishing, leasing,
+delays and dead-lettering are the same rows changed in the same short transactions; split
+apart, the lease-token rule above would have to be kept true in several files.
+
 Clocks: lease and visibility times are wall-clock epoch seconds (``time.time()``)
 because they are compared across processes; keep the hosts' clocks sane (NTP).
 """
