@@ -98,6 +98,21 @@ def test_a_permanent_error_is_tried_once(host, monkeypatch):
     assert prepare.broker.dlq_list() == []
 
 
+def test_a_permanent_connection_error_fails_at_once_and_is_not_unreachable(host, monkeypatch):
+    """Issue 19: a changed host key or refused credentials (mqi-ssh's HostKeyError and
+    AuthError are ConnectionErrors *and* PermanentErrors) fail the step at once with the
+    reason, instead of backing off as "unreachable" for an hour."""
+
+    class HostKeyChanged(ConnectionError, p.PermanentError):
+        pass
+
+    conductor, prepare = host(max_attempts=3)
+    calls = raising(monkeypatch, lambda n: HostKeyChanged("host key of gpu1:22 CHANGED"))
+    run_case(conductor, prepare, until=lambda: case_state(conductor) == "failed")
+    assert calls == [1] and outcomes(conductor) == ["failed"]
+    assert "CHANGED" in step_row(conductor)["message"]
+
+
 def test_an_unreachable_host_does_not_use_up_the_steps_tries(host, monkeypatch):
     conductor, prepare = host(max_attempts=1)
     calls = raising(monkeypatch, lambda n: ConnectionError("cannot reach gpu1") if n <= 3 else None)

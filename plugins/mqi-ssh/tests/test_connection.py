@@ -14,6 +14,7 @@ import pytest
 
 from mqi_framework.commands import CommandResult
 from mqi_ssh import connection
+from mqi_framework.protocols import PermanentError
 from mqi_ssh.connection import AuthError, HostKeyError, SshUnreachable, connect
 
 
@@ -48,6 +49,7 @@ def test_unknown_host_key_is_refused_with_fingerprint_and_how_to_trust_it(sshd_r
     assert "unknown" in message and sshd_running.fingerprint() in message
     assert f"ssh-keyscan -p {sshd_running.port}" in message and str(empty) in message
     assert empty.read_text() == ""  # never added automatically
+    assert isinstance(info.value, PermanentError)  # the step fails at once, not retried as "unreachable"
 
 
 def test_changed_host_key_is_refused(sshd_running, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mqi_framework.protocols import PermanentError
+
 __all__ = ["AuthError", "HostKeyError", "SshError", "SshUnreachable"]
 
 
@@ -13,9 +15,11 @@ class SshUnreachable(SshError):
     """The host (or the jump host) does not answer, or the connection dropped."""
 
 
-class HostKeyError(SshError):
-    """The server's host key is not in known_hosts, or differs from the one there."""
+class HostKeyError(SshError, PermanentError):
+    """The server's host key is not in known_hosts, or differs from the one there. Permanent:
+    a step that meets it fails at once with this message (retrying cannot trust a key)."""
 
 
-class AuthError(SshError):
-    """The server refused every credential offered."""
+class AuthError(SshError, PermanentError):
+    """The server refused every credential offered. Permanent, like :class:`HostKeyError`:
+    someone must fix the key or the account, and the step says so at once."""
