@@ -220,6 +220,16 @@ class Host:
         """Dead-lettered messages, oldest first (:class:`~mqi_framework.broker.DeadLetter`)."""
         return self.broker().dlq_list(queue)
 
+    def dead_letter_resolutions(self, letters: list[Any]) -> list[Optional[str]]:
+        """For each of ``letters``, why it no longer matters (``resolved: case case-000042 is
+        done``), or None while it may (:func:`mqi_framework.store.views.dead_letter_resolutions`)."""
+        if not letters:
+            return []
+        try:
+            return views.dead_letter_resolutions(self.reader(), [d.body for d in letters])
+        except StoreError:  # no state database here (a broker shared with another workspace)
+            return [None] * len(letters)
+
     def host_pid(self) -> Optional[int]:
         """The pid of the ``mqi-host run`` that holds this workspace's lock, None when no host
         runs. Read from the kernel's lock table: asking never takes the lock, so it cannot

@@ -166,16 +166,19 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     with open_host(args) as host:
         if args.action == "list":
             letters = host.dead_letters(args.queue)
+            resolved = host.dead_letter_resolutions(letters)
             if args.json:
                 print_json([{"id": d.id, "queue": d.queue, "message_id": d.message_id, "reason": d.reason,
-                              "attempts": d.attempts, "dead_at": d.dead_at, "body": d.body} for d in letters])
+                              "attempts": d.attempts, "dead_at": d.dead_at, "body": d.body, "resolved": r}
+                             for d, r in zip(letters, resolved)])
             elif not letters:
                 print("dead-letter queue is empty")
             else:
-                for d in letters:
+                for d, r in zip(letters, resolved):
                     what = d.body.get("type", "?")
                     where = f" {d.body.get('case', '')} {d.body.get('step', '')}".rstrip()
-                    print(f"{d.id}  {d.queue}  {what}{where}  attempts {d.attempts}  {when(d.dead_at)}\n    {d.reason}")
+                    print(f"{d.id}  {d.queue}  {what}{where}  attempts {d.attempts}  {when(d.dead_at)}\n    {d.reason}"
+                          + (f"\n    {r} (safe to purge)" if r else ""))
             return EXIT_OK
         if not args.all and not args.ids:
             raise UsageError(f"dlq {args.action}: name message ids or pass --all")

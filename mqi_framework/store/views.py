@@ -40,6 +40,33 @@ def redact(text: Optional[str], name: Optional[str]) -> str:
 _TOKEN = re.compile(r"[^\s/\\'\"`:,;()\[\]{}<>=]+")
 
 
+def dead_letter_resolutions(conn: sqlite3.Connection, bodies: list[Any]) -> list[Optional[str]]:
+    """For each dead-lettered message body, why it no longer matters, or None while it may:
+    a command or event of a step whose case has ended (``resolved: case case-000042 is
+    done``), whose attempt was superseded, or whose step finished. Such letters are left
+    from a fault the pipeline recovered from (issue 13.4); replaying them changes nothing."""
+    out: list[Optional[str]] = []
+    for body in bodies:
+        step_id = body.get("step_id") if isinstance(body, dict) else None
+        if not isinstance(step_id, int):
+            out.append(None)
+            continue
+        row = conn.execute("SELECT s.state, s.attempt, c.state AS case_state, c.uid FROM steps s "
+                           "JOIN cases c ON c.id = s.case_id WHERE s.id = ?", (step_id,)).fetchone()
+        attempt = body.get("attempt")
+        if row is None:
+            out.append("resolved: its step no longer exists")
+        elif row["case_state"] in FINAL_CASE_STATES:
+            out.append(f"resolved: case {row['uid']} is {row['case_state']}")
+        elif isinstance(attempt, int) and row["attempt"] > attempt:
+            out.append(f"resolved: attempt {attempt} was followed by attempt {row['attempt']}")
+        elif row["state"] == "done":
+            out.append("resolved: its step is done")
+        else:
+            out.append(None)
+    return out
+
+
 def redact_known_names(conn: sqlite3.Connection, texts: list[str]) -> list[str]:
     """``texts`` with every word that is some case's folder name replaced (for free texts that
     may mention any case: dead-letter reasons, the audit log)."""

@@ -183,3 +183,31 @@ def test_a_live_worker_with_commands_queued_is_behind_not_lost(env):
     conn.execute("UPDATE workers SET heartbeat_at = ? WHERE name = 'execute'", (clock.now - 3600,))
     conductor.tick()  # its heartbeat stopped: the commands will not be taken
     assert len(outbox(conn, "mqi.execute", "cancel_step")) == 2
+
+
+def test_dead_letters_of_a_recovered_step_or_an_ended_case_read_resolved(env):
+    """Issue 13.4: dead letters left by a fault the pipeline recovered from say so."""
+    from mqi_framework.store import views
+
+    conductor, conn, clock = env
+    sims = to_simulation(conductor, conn)
+    prepare = outbox(conn, "mqi.prepare", "run_step")[0]
+    other = {"type": "case.seen", "name": "C9"}  # no step: nothing to tell
+    assert views.dead_letter_resolutions(conn, [sims[0], other]) == [None, None]
+    assert views.dead_letter_resolutions(conn, [prepare]) == ["resolved: its step is done"]
+    clock.now += 3600
+    conductor.tick()  # attempt 1 of both beams given up, attempt 2 follows
+    clock.now += 3600
+    conductor.tick()
+    for cmd in outbox(conn, "mqi.execute", "run_step"):
+        if cmd["attempt"] == 2:
+            send(conductor, {"type": "step.started", "step_id": cmd["step_id"], "attempt": 2})
+    assert views.dead_letter_resolutions(conn, [sims[0]]) == ["resolved: attempt 1 was followed by attempt 2"]
+    conductor.cancel("C1")
+    for cmd in outbox(conn, "mqi.execute", "run_step"):
+        if cmd["attempt"] == 2:
+            send(conductor, {"type": "step.finished", "step_id": cmd["step_id"], "attempt": 2,
+                             "outcome": "cancelled"})
+    uid = conn.execute("SELECT uid, state FROM cases").fetchone()
+    assert uid["state"] == "cancelled"
+    assert views.dead_letter_resolutions(conn, [sims[1]]) == [f"resolved: case {uid['uid']} is cancelled"]

@@ -104,13 +104,14 @@ def dlq_data() -> dict:
     reasons = [d.reason for d in letters]
     if not show_names:  # exception texts often carry a case folder's path
         reasons = views.redact_known_names(dash.read_db(), reasons)
+    resolutions = views.dead_letter_resolutions(dash.read_db(), [d.body for d in letters])
     out = []
-    for d, reason in zip(letters, reasons):
+    for d, reason, resolved in zip(letters, reasons, resolutions):
         body = d.body if isinstance(d.body, dict) else {}
         case = body.get("case") if isinstance(body.get("case"), str) else None
         item = {"id": d.id, "queue": d.queue, "message_id": d.message_id, "type": body.get("type"),
                 "case": case, "beam": body.get("beam"), "step": body.get("step"), "attempt": body.get("attempt"),
-                "attempts": d.attempts, "dead_at": d.dead_at, "reason": reason}
+                "attempts": d.attempts, "dead_at": d.dead_at, "reason": reason, "resolved": resolved}
         if show_names:
             item["body"] = body
         out.append(item)
