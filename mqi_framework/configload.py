@@ -87,6 +87,22 @@ def _record_lines(node: yaml.Node, path: str, lines: dict[str, int]) -> None:
             _record_lines(item, child, lines)
 
 
+def _yaml_hint(problem: str, text: str, line: Optional[int]) -> str:
+    """What a person most likely did, for PyYAML's terse syntax errors."""
+    lines = text.splitlines()
+    here = lines[line - 1] if line and 0 < line <= len(lines) else ""
+    if "\t" in problem or "\t" in here[: len(here) - len(here.lstrip())]:
+        return "; YAML does not allow tabs for indentation: indent with spaces"
+    if "mapping values are not allowed" in problem:
+        return ("; a `key: value` where a value was expected: check this line's indentation against the "
+                "line above, and quote a value that contains ': '")
+    if "expected <block end>" in problem or "did not find expected key" in problem:
+        return "; this line is indented differently from the keys beside it: align it with them (spaces only)"
+    if "could not find expected ':'" in problem:
+        return "; a key without ':' (or an unclosed quote above)"
+    return ""
+
+
 def load_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     """Parse ``path``; return (data, {dotted path: line}). Syntax errors become ConfigError."""
     source = str(path)
@@ -100,7 +116,10 @@ def load_yaml(path: Path) -> tuple[Any, dict[str, int]]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise ConfigError([ConfigProblem("", f"YAML syntax: {exc.problem or exc}", line)], source=source) from exc
+        where = f" (column {mark.column + 1})" if mark else ""
+        hint = _yaml_hint(str(exc.problem or exc), text, line)
+        raise ConfigError([ConfigProblem("", f"YAML syntax: {exc.problem or exc}{where}{hint}", line)],
+                          source=source) from exc
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigProblem("", f"YAML syntax: {exc}")], source=source) from exc
     if data is None:

@@ -116,3 +116,15 @@ def test_structure_with_prefix_for_plugin_sections(tmp_path):
 def test_expand_env_reports_paths():
     data, found = expand_env({"a": ["${NOPE_X}"]}, environ={})
     assert data == {"a": [""]} and found[0].path == "a.0"
+
+
+@pytest.mark.parametrize("text, line, hint", [
+    ("name: a\nhosts:\n\t- x\n", 3, "does not allow tabs for indentation"),
+    ("name: a\nhosts: b\n  c: d\n", 3, "check this line's indentation"),
+    ("name: a\nhosts:\n    - x\n  - y\n", 4, "indented differently from the keys beside it"),
+], ids=["tab", "bad-indent-mapping", "bad-indent-list"])
+def test_yaml_syntax_errors_say_what_was_likely_meant(tmp_path, text, line, hint):
+    """Issue 19: PyYAML's own text ("mapping values are not allowed here") with a hint."""
+    found, _ = problems(tmp_path, text)
+    ((_, at), message), = found.items()
+    assert at == line and hint in message and "column" in message
