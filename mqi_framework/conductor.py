@@ -202,6 +202,12 @@ class Conductor:
             now = self.clock()
             self.conn.execute("UPDATE steps SET state = 'cancelled', finished_at = ? WHERE case_id = ? "
                               "AND state IN ('pending', 'queued', 'waiting')", (now, case["id"]))
+            # a beam with no attempt in flight is cancelled now (not left "queued for a GPU")
+            for (number,) in self.conn.execute(
+                    "SELECT number FROM beams WHERE case_id = ? AND state NOT IN ('done', 'failed', 'cancelled') "
+                    "AND number NOT IN (SELECT beam_number FROM steps WHERE case_id = ? "
+                    "AND state IN ('dispatched', 'running'))", (case["id"], case["id"])).fetchall():
+                self._set_beam(case["id"], number, "cancelled", f"by {actor}, before it ran")
             for row in self.conn.execute("SELECT * FROM steps WHERE case_id = ? AND state IN ('dispatched', 'running')",
                                          (case["id"],)).fetchall():
                 self._cancel_attempt(row, f"case cancelled by {actor}")

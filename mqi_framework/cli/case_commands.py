@@ -51,14 +51,16 @@ def cmd_case(args: argparse.Namespace) -> int:
         print(f"  {detail['message']}")
     print(f"  detected {when(detail['detected_at'])}, finished {when(detail['finished_at'])}")
     for beam in detail["beams"]:
-        print(f"  beam {beam['number']}: {beam['state']}{'  ' + beam['message'] if beam['message'] else ''}")
+        note = beam["message"] if beam["message"] and beam["message"] != beam["state"] else ""
+        print(f"  beam {beam['number']}: {beam['state']}{'  ' + note if note else ''}")
     print("  steps:")
     for step in detail["steps"]:
         beam = f" beam {step['beam']}" if step["beam"] else ""
         progress = f" {step['progress'] * 100:.0f}%" if step["progress"] is not None else ""
         code = f" exit {step['exit_code']}" if step["exit_code"] is not None else ""
-        print(f"    {step['step']}{beam}: {step['state']} (attempt {step['attempt']}){progress}{code}"
-              f"{'  ' + step['message'] if step['message'] else ''}")
+        tries = f"attempt {step['attempt']}" if step["attempt"] else "not run"
+        message = step["message"] if step["message"] and step["message"] != step["state"] else ""
+        print(f"    {step['step']}{beam}: {step['state']} ({tries}){progress}{code}{'  ' + message if message else ''}")
     if args.events:
         print("  events:")
         for event in reversed(detail["events"]):  # oldest first, as a log reads

@@ -174,3 +174,48 @@ def test_the_cli_behaves_like_the_unix_tools_people_know(tmp_path):
     assert dlq.returncode == 0 and "empty" in dlq.stdout
     helped = run_cli("status", "--help")
     assert "Workers (heartbeats, restarts)" in helped.stdout
+
+
+def test_a_cancelled_case_reads_right(tmp_path):
+    """Issue 19: steps never run say so ("not run", not "attempt 0"), and a state is not
+    repeated as its own message ("cancelled ... cancelled")."""
+    import random
+    import uuid
+
+    from mqi_framework.conductor import Conductor
+    from mqi_framework.config import load_config
+    from mqi_framework.protocols import GpuReading
+    from mqi_framework.store import open_state, transaction
+    from mqi_framework.store import records as rec
+
+    path = write_workspace(tmp_path, fast_config(gpus=1))
+    loaded = load_config(path)
+    conn = open_state(loaded.database_path)
+    with transaction(conn):
+        rec.record_gpu_readings(conn, "test", [GpuReading(host="h", index=0)])
+    conductor = Conductor(loaded, conn, rng=random.Random(1))
+
+    def send(body):
+        conductor.handle_event(body, uuid.uuid4().hex)
+
+    def last(queue):
+        rows = [json.loads(r[0]) for r in conn.execute("SELECT body FROM outbox WHERE queue = ? ORDER BY id",
+                                                       (queue,))]
+        return [b for b in rows if b["type"] == "run_step"][-1]
+
+    def finish(cmd, **extra):
+        send({"type": "step.started", "step_id": cmd["step_id"], "attempt": cmd["attempt"]})
+        send({"type": "step.finished", "step_id": cmd["step_id"], "attempt": cmd["attempt"], "outcome": "ok",
+              **extra})
+
+    plan = {"beams": [{"number": n, "name": f"B{n}", "delivery_dir": f"d{n}"} for n in (1, 2)], "missing": [],
+            "info": {}, "inputs": {str(n): f"beams/{n}/moqui_tps_{n}.in" for n in (1, 2)}}
+    send({"type": "case.seen", "name": "C1", "path": "/in/C1", "inbox": "/in"})
+    finish(last("mqi.prepare"), data=plan)
+    finish(last("mqi.transfer"))
+    conductor.cancel("C1")
+    conn.close()
+    out = run_cli("case", "C1", "-c", str(path)).stdout
+    assert "(not run)" in out and "(attempt 0)" not in out
+    assert "beam 2: cancelled  by cli, before it ran" in out  # not "queued  waiting for a free GPU"
+    assert not [line for line in out.splitlines() if line.count("cancelled") > 1]
