@@ -235,6 +235,13 @@ class Executor(Plugin):
         cannot tell (the step's log rules may still tell from the log)."""
         return None
 
+    def program_problem(self, program: str) -> Optional[str]:
+        """Why ``program`` (the first word of a step's command, e.g. ``tps_env``) cannot be
+        run where this executor runs jobs (``tps_env: command not found on gpu1``), or None
+        when it can or the executor cannot tell. ``mqi-host check`` asks, so a simulator that
+        is not installed is found before every beam fails with exit code 127."""
+        return None
+
 
 # --------------------------------------------------------------------------- curate
 

@@ -15,6 +15,7 @@ import fcntl
 import glob
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,14 @@ class LocalExecutor(Executor):
         except OSError as exc:
             return [f"jobs folder {self.jobs_dir} cannot be created: {exc}"]
         return [] if os.access(self.jobs_dir, os.W_OK) else [f"jobs folder {self.jobs_dir} is not writable"]
+
+    def program_problem(self, program: str) -> Optional[str]:
+        if "/" in program:
+            ok = os.path.isfile(program) and os.access(program, os.X_OK)
+            return None if ok else f"{program}: no such executable file on this machine"
+        if shutil.which(program) is None:
+            return f"{program}: command not found on this machine (not on PATH; give its full path in the command)"
+        return None
 
     # ------------------------------------------------------------------ start
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
 from pathlib import Path
 
 from mqi_framework.cli.common import (DEFAULT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, load, print_json,
@@ -67,6 +68,38 @@ def _built_workers(loaded, host) -> tuple[list, list[str]]:
     return built, problems
 
 
+def step_program(command: str) -> Optional[str]:
+    """The program a step command template runs (its first word after ``VAR=value``
+    assignments), with ``{python}`` filled in; None when a placeholder decides it."""
+    import shlex
+    import sys
+
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    while words and "=" in words[0] and not words[0].startswith(("=", "{")) and "/" not in words[0].split("=")[0]:
+        words.pop(0)
+    if not words:
+        return None
+    program = words[0].replace("{python}", sys.executable)
+    return None if "{" in program or "$" in program else program
+
+
+def _program_problems(loaded, built: dict) -> list[str]:
+    """A step whose program cannot be run where its executor runs jobs (issue 19)."""
+    problems = []
+    for index, step in enumerate(loaded.config.workflow.steps):
+        impl = built.get(step.worker)
+        program = step_program(step.command) if step.command else None
+        if impl is None or program is None or not hasattr(impl, "program_problem"):
+            continue
+        problem = impl.program_problem(program)
+        if problem:
+            problems.append(f"workflow.steps[{index}] ({step.name}): {problem}")
+    return problems
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from mqi_framework import plugins
     from mqi_framework.api import EVENTS_QUEUE, Host
@@ -78,6 +111,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"warning: plugin {item['name']} ({item['distribution']}) failed to load: {item['error']}")
     built, problems = _built_workers(loaded, host)
     print(f"config {loaded.path}: " + ("valid" if not problems else "read; plugin settings have problems (below)"))
+    problems += _program_problems(loaded, dict(built))
     for name, impl in built:
         plugin = loaded.config.workers[name].plugin
         for problem in impl.check():

@@ -219,3 +219,29 @@ def test_a_cancelled_case_reads_right(tmp_path):
     assert "(not run)" in out and "(attempt 0)" not in out
     assert "beam 2: cancelled  by cli, before it ran" in out  # not "queued  waiting for a free GPU"
     assert not [line for line in out.splitlines() if line.count("cancelled") > 1]
+
+
+def test_check_finds_a_simulator_that_is_not_installed(tmp_path):
+    """Issue 19: `check` passed `tps_env` that does not exist; every beam then failed with a
+    bare `exit code 127`."""
+    path = write_workspace(tmp_path, fast_config())
+    text = path.read_text()
+    assert "{python} -m mqi_moqui.standin" in text
+    path.write_text(text.replace("{python} -m mqi_moqui.standin", "tps_env_not_installed_here", 1))
+    proc = run_cli("check", "-c", str(path))
+    assert proc.returncode != 0
+    assert "(simulate): tps_env_not_installed_here: command not found on this machine" in proc.stdout + proc.stderr
+    path.write_text(text.replace("{python} -m mqi_moqui.standin", "/no/such/tps_env", 1))
+    proc = run_cli("check", "-c", str(path))
+    assert proc.returncode != 0 and "/no/such/tps_env: no such executable file" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("command, program", [
+    ("CUDA_VISIBLE_DEVICES={gpu} tps_env {input_file}", "tps_env"),
+    ("A=1 B='x y' /opt/moqui/bin/tps_env {input_file}", "/opt/moqui/bin/tps_env"),
+    ("{engine} {input_file}", None),
+])
+def test_the_program_of_a_step_command(command, program):
+    from mqi_framework.cli.setup_commands import step_program
+
+    assert step_program(command) == program

@@ -3,6 +3,7 @@ timeouts, lost jobs, hostile names, paths that would leave the root."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import time
@@ -214,3 +215,13 @@ def test_one_status_command_per_host_for_all_running_jobs(make_executor, remote_
     assert executor.poll(handles[0]).state == "exited"
     for handle in handles[1:]:
         executor.kill(handle)
+
+
+def test_a_program_missing_on_the_host_is_found_before_any_job(make_executor):
+    """Issue 19: `mqi-host check` asks the executor whether the step's program runs there."""
+    executor = make_executor()
+    assert executor.program_problem("sh") is None
+    problem = executor.program_problem("tps_env_not_installed_here")
+    assert problem is not None and "tps_env_not_installed_here: command not found on" in problem
+    assert executor.program_problem("$(touch /tmp/pwned-by-program-probe)") is not None  # data, not shell
+    assert not os.path.exists("/tmp/pwned-by-program-probe")

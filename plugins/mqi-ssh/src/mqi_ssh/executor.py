@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
+import shlex
 import time
 from typing import Optional
 
@@ -116,6 +117,20 @@ class SshExecutor(Executor):
             raise PermanentError(str(exc)) from None
 
     # ------------------------------------------------------------------ check
+
+    def program_problem(self, program: str) -> Optional[str]:
+        missing = []
+        for name in self.settings.hosts:
+            try:
+                found = self._conn(name).run(f"command -v -- {shlex.quote(program)}", timeout=30)
+            except (SshError, TimeoutError):
+                continue  # check() reports the host itself
+            if found.returncode != 0:
+                missing.append(name)
+        if missing:
+            return (f"{program}: command not found on {', '.join(missing)} (not on the PATH of a shell there; "
+                    "give its full path in the command)")
+        return None
 
     def check(self) -> list[str]:
         problems: list[str] = []
