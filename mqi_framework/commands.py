@@ -104,16 +104,16 @@ def ssh_shell(settings: dict, label: str) -> "RemoteShell":
     with ``settings`` (an ``ssh:`` block, validated by mqi-ssh) on first use. Raises
     :class:`PluginMissing` from :meth:`RemoteShell.run` when mqi-ssh is not installed."""
     settings = dict(settings)
-
-    def open_connection() -> Any:
-        return optional_plugin("mqi_ssh.connection", "mqi-ssh", "`ssh:`").connect(settings)
-
-    return RemoteShell(open_connection, label, fatal=(PluginMissing,))
+    return RemoteShell(lambda: _ssh_connection_module().connect(settings), label, fatal=(PluginMissing,))
 
 
 def require_ssh_plugin() -> None:
     """Raise :class:`PluginMissing` now (at check time) when mqi-ssh is not installed."""
-    optional_plugin("mqi_ssh.connection", "mqi-ssh", "`ssh:`")
+    _ssh_connection_module()
+
+
+def _ssh_connection_module() -> Any:
+    return optional_plugin("mqi_ssh.connection", "mqi-ssh", "`ssh:`")
 
 
 class RemoteShell:

@@ -57,9 +57,10 @@ class Heartbeat:
         """Write one heartbeat (what the thread does every ``every`` seconds)."""
         alive_at, message = self._alive_at, ""
         wait = current_wait()
-        if wait is not None:
+        if wait is not None:  # alive now, however long ago the main thread marked it
             reason, since = wait
-            alive_at, message = max(alive_at, time.time()), f"waiting: {reason} ({time.time() - since:.0f}s)"
+            alive_at = time.time()
+            message = f"waiting: {reason} ({alive_at - since:.0f}s)"
         rec.worker_state(conn, self.name, self.kind, pid=os.getpid(), state="running", message=message,
                          alive_at=alive_at)
 

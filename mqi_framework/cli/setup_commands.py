@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 from mqi_framework.cli.common import (DEFAULT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, load, print_json,
                                       setup_logging)
@@ -72,7 +72,6 @@ def step_program(command: str) -> Optional[str]:
     """The program a step command template runs (its first word after ``VAR=value``
     assignments), with ``{python}`` filled in; None when a placeholder decides it."""
     import shlex
-    import sys
 
     try:
         words = shlex.split(command)

@@ -25,9 +25,9 @@ from typing import Any, Optional
 import attrs
 
 from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PluginContext
-from mqi_framework.toolkit import job_log_fields, safe_component
+from mqi_framework.toolkit import PluginMissing, job_log_fields, safe_component
 from mqi_slurm import states as st
-from mqi_slurm.site import CommandResult, LocalSite, Site, SiteUnavailable, SshSite
+from mqi_slurm.site import CommandResult, LocalSite, Site, SshSite
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class SlurmExecutor(Executor):
                     f"nodes (got {self.settings.jobs_dir!r})"]
         try:
             result = self._run([self._cmd("sbatch"), "--version"])
-        except SiteUnavailable as exc:
+        except PluginMissing as exc:  # an ssh: site without mqi-ssh installed
             return [str(exc)]
         if result.returncode != 0:
             return [f"sbatch {self.site.where} does not run: {result.problem()}"]

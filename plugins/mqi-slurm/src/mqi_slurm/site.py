@@ -16,10 +16,7 @@ import shlex
 from pathlib import Path
 from typing import Optional
 
-from mqi_framework.toolkit import CommandResult, PluginMissing, run_local, ssh_shell, write_atomic
-
-#: raised when the configured site cannot be used (mqi-ssh missing for an SSH site)
-SiteUnavailable = PluginMissing
+from mqi_framework.toolkit import CommandResult, run_local, ssh_shell, write_atomic
 
 
 class Site(abc.ABC):
