@@ -22,6 +22,10 @@ def fast_config(*, gpus: int = 2, settle_seconds: float = 1.0, overrides: Option
     data["workers"]["scan"]["interval_seconds"] = 0.3
     data["workers"]["scan"]["settings"]["settle_seconds"] = settle_seconds
     data["workers"]["curate"]["settings"]["gpus"] = gpus
+    # the stand-in simulator's behaviour file (mqi_moqui.standin) travels with the delivery
+    # logs, so that tests and the demo can make one beam fail, hang or lie
+    data["workers"]["prepare"]["settings"]["delivery_files"] = ["*.ptn", "*.mgn", "PlanInfo.txt", "PlanRange.txt",
+                                                                "STANDIN_MODE"]
     data["workers"]["curate"]["interval_seconds"] = 1.0
     data["workers"]["execute"]["interval_seconds"] = 0.2
     data["workers"]["postprocess"]["interval_seconds"] = 0.2

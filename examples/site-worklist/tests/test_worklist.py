@@ -1,6 +1,5 @@
 """The example worklist scanner on real files."""
 
-from mqi_framework.plugins import PluginHost
 from mqi_framework.protocols import PluginContext
 
 import mqi_site_worklist

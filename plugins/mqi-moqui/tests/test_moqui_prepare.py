@@ -8,7 +8,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings, deidentify_plan_info
+from mqi_moqui.deid import Pseudonymizer, deidentify_plan_info
+from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings
 from mqi_moqui.samples import delivery_folder_name, fake_patient_id, fake_patient_name, generate_case
 
 REMOTE = "/data/mqi remote/case-000001"
@@ -50,10 +51,12 @@ def test_prepare_writes_inputs_with_remote_paths(inbox, tmp_path, interpreter):
         }
         logs = staging / "beams" / str(n) / "logs"
         source = case / delivery_folder_name(1, n)
-        assert sorted(p.name for p in logs.iterdir()) == sorted(p.name for p in source.iterdir())
-        for ext in ("*.ptn", "*.mgn"):
-            [src] = source.glob(ext)
-            assert (logs / src.name).read_bytes() == src.read_bytes()
+        # the log files keep their bytes, not their names (de-identified: log_<n> in name order)
+        assert sorted(p.name for p in logs.iterdir()) == ["PlanInfo.txt", "log_0001.mgn", "log_0002.ptn"]
+        for ext in ("mgn", "ptn"):
+            [src] = source.glob(f"*.{ext}")
+            [dst] = logs.glob(f"*.{ext}")
+            assert dst.read_bytes() == src.read_bytes()
     assert not (staging / "beams" / "4").exists()  # the setup beam
     assert not list(staging.rglob("*.part"))
 
@@ -112,11 +115,13 @@ def test_deidentification_removes_patient_identifiers(inbox, tmp_path, interpret
         assert pid not in data, rel
         assert pname not in data and b"FAKEPATIENT" not in data and b"FAKEOTHER" not in data, rel
     ds = pydicom.dcmread(staging / "dicom" / "RTPLAN.dcm")
-    assert ds.PatientID == "ANON" and str(ds.PatientName) == "ANON"
-    assert "PatientBirthDate" not in ds and "OtherPatientIDs" not in ds
+    assert ds.PatientID.startswith("MQI") and str(ds.PatientName) == "ANONYMOUS"
+    assert ds.PatientBirthDate == "" and "OtherPatientIDs" not in ds and ds.PatientIdentityRemoved == "YES"
+    assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.481.8" and len(ds.IonBeamSequence) == 4
     planinfo = (staging / "beams" / "1" / "logs" / "PlanInfo.txt").read_text()
-    assert "DICOM_PATIENT_ID,ANON" in planinfo and "DICOM_BEAM_NUMBER,1" in planinfo
+    assert f"DICOM_PATIENT_ID,{ds.PatientID}" in planinfo and "DICOM_BEAM_NUMBER,1" in planinfo
+    assert f"DICOM_STUDY_INS_UID,{ds.StudyInstanceUID}" in planinfo  # one mapping for plan and logs
     assert interpreter.interpret(case)  # the case folder itself is untouched
     assert pid in next(case.glob("R[NP]*.dcm")).read_bytes()
 
@@ -130,13 +135,15 @@ def test_deidentify_false_copies_as_is(inbox, tmp_path):
     assert fake_patient_id(11).encode() in (staging / "beams" / "1" / "logs" / "PlanInfo.txt").read_bytes()
 
 
-def test_deidentify_plan_info_keeps_layout():
+def test_deidentify_plan_info_keeps_layout_and_allowed_keys_only():
+    pseudo = Pseudonymizer(b"k" * 32)
     data = "\ufeffDICOM_PATIENT_ID,P123\r\nDICOM_PATIENT_NAME , Doe^J\r\n\r\nDICOM_BEAM_NUMBER,2\r\n".encode()
-    out = deidentify_plan_info(data)
-    assert out == "\ufeffDICOM_PATIENT_ID,ANON\r\nDICOM_PATIENT_NAME ,ANON\r\n\r\nDICOM_BEAM_NUMBER,2\r\n".encode()
+    out = deidentify_plan_info(data, pseudo)
+    assert out == f"\ufeffDICOM_PATIENT_ID,{pseudo.pseudonym('P123')}\r\nDICOM_BEAM_NUMBER,2\r\n".encode()
+    assert pseudo.mapping == {pseudo.pseudonym("P123"): "P123"}
 
 
-def test_subfolders_are_copied_and_symlinks_skipped(inbox, tmp_path, interpreter):
+def test_only_delivery_files_are_staged_no_subfolders_no_symlinks(inbox, tmp_path, interpreter):
     case = generate_case(inbox, "CASE", seed=1)
     delivery = case / delivery_folder_name(1, 1)
     (delivery / "sub").mkdir()
@@ -145,8 +152,8 @@ def test_subfolders_are_copied_and_symlinks_skipped(inbox, tmp_path, interpreter
     secret.write_text("outside")
     os.symlink(secret, delivery / "link.txt")
     os.symlink(tmp_path, delivery / "linkdir")
+    os.symlink(secret, delivery / "linked.ptn")  # a log file name, but a link: never followed
     staging = tmp_path / "staging"
     interpreter.prepare(case, interpreter.interpret(case), staging, REMOTE)
     logs = staging / "beams" / "1" / "logs"
-    assert (logs / "sub" / "extra.ptn").read_bytes() == b"\x01\x02"
-    assert not (logs / "link.txt").exists() and not (logs / "linkdir").exists()
+    assert sorted(p.name for p in logs.iterdir()) == ["PlanInfo.txt", "log_0001.mgn", "log_0002.ptn"]

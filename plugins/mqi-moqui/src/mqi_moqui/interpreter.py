@@ -4,12 +4,12 @@ Case folder (docs: DESIGN.md section 2)::
 
     <case>/<any name>.dcm           exactly one RT Ion Plan, found by its SOP class (RN*.dcm, RP*.dcm, ...)
     <case>/<delivery>/PlanInfo.txt  KEY,VALUE lines; DICOM_BEAM_NUMBER maps the folder to a beam
-    <case>/<delivery>/*.ptn, *.mgn  machine logs, copied as they are
+    <case>/<delivery>/*.ptn, *.mgn  machine logs (PlanRange.txt beside them names each layer's files)
 
 Staging tree written by :meth:`MoquiInterpreter.prepare` (uploaded to ``remote_dir``)::
 
     dicom/RTPLAN.dcm                 the plan (de-identified unless ``deidentify: false``)
-    beams/<n>/logs/...               the delivery folder of beam n (PlanInfo.txt de-identified)
+    beams/<n>/logs/...               the ``delivery_files`` of beam n's delivery folder (de-identified)
     beams/<n>/moqui_tps_<n>.in       Moqui input, paths pointing into remote_dir
 
 Reading the plan is :mod:`mqi_moqui.rtplan`, de-identification :mod:`mqi_moqui.deid`, judging
@@ -20,6 +20,8 @@ plugin stays cheap.
 # No ``from __future__ import annotations`` here: cattrs structures MoquiSettings from its
 # real (evaluated) annotations.
 
+import fnmatch
+import json
 import logging
 import os
 import posixpath
@@ -34,7 +36,8 @@ import attrs
 from mqi_framework.protocols import BeamPlan, CasePlan, CaseRejected, Interpreter, LogVerdict
 from mqi_framework.toolkit import write_atomic
 
-from mqi_moqui.deid import deidentify_dataset, deidentify_plan_info
+from mqi_moqui.deid import (Pseudonymizer, deidentify_dataset, deidentify_plan_info, deidentify_plan_range,
+                            delivery_file_name, load_key)
 from mqi_moqui.logjudge import judge_log
 from mqi_moqui.plancheck import check_plan, required_beams
 from mqi_moqui.rtplan import find_plan_file, read_plan, save_dataset
@@ -42,6 +45,9 @@ from mqi_moqui.rtplan import find_plan_file, read_plan, save_dataset
 log = logging.getLogger(__name__)
 
 PLAN_INFO = "PlanInfo.txt"
+PLAN_RANGE = "PlanRange.txt"
+LOG_SUFFIXES = (".ptn", ".mgn")
+DEID_FOLDER = "deid"
 BEAM_NUMBER_KEY = "DICOM_BEAM_NUMBER"
 PATIENT_ID_KEY = "DICOM_PATIENT_ID"
 STUDY_UID_KEY = "DICOM_STUDY_INS_UID"
@@ -65,8 +71,14 @@ class MoquiSettings:
         default="raw", validator=attrs.validators.in_(("raw", "mhd", "dcm")))
     #: ``RandomSeed`` of the Monte Carlo engine
     random_seed: int = 1
-    #: replace patient identifiers (plan and PlanInfo.txt) before anything is written to staging
+    #: de-identify what is staged for upload to the DICOM PS3.15 Basic Profile (plan: every
+    #: element, nested and private ones included, UIDs keyed; PlanInfo.txt and PlanRange.txt
+    #: by an allowlist; log file names without patient ids); docs/privacy.md
     deidentify: bool = True
+    #: the files of a delivery folder that are staged (glob patterns on the file name; files
+    #: in sub-folders and every other file stay in the clinic). With ``deidentify``, ``.ptn``
+    #: and ``.mgn`` files are renamed; other files matched here keep their names
+    delivery_files: list[str] = attrs.field(factory=lambda: ["*.ptn", "*.mgn", PLAN_INFO, PLAN_RANGE])
     #: extra ``Key value`` lines for the input file; a key that exists already is replaced
     extra_keys: dict[str, str] = attrs.field(factory=dict, validator=_check_extra_keys)
     #: ``GPUID`` written into the input file (the command usually selects the GPU with CUDA_VISIBLE_DEVICES)
@@ -265,11 +277,12 @@ class MoquiInterpreter(Interpreter):
         staging_dir = Path(staging_dir)
         settings: MoquiSettings = self.settings
         plan_file = find_plan_file(case_dir)
-        if settings.deidentify:
+        pseudo = self._pseudonymizer() if settings.deidentify else None
+        if pseudo is not None:
             from pydicom.filebase import DicomBytesIO
 
             ds = read_plan(plan_file)
-            deidentify_dataset(ds)
+            deidentify_dataset(ds, pseudo)
             buffer = DicomBytesIO()
             save_dataset(ds, buffer)
             _write_atomic(staging_dir / "dicom" / "RTPLAN.dcm", buffer.getvalue())
@@ -284,14 +297,42 @@ class MoquiInterpreter(Interpreter):
             source = case_dir / beam.delivery_dir
             if (Path(beam.delivery_dir).name != beam.delivery_dir or beam.delivery_dir in (".", "..")
                     or source.is_symlink() or not source.is_dir()):
-                raise CaseRejected(f"the delivery folder of beam {beam.number} ({beam.delivery_dir}) is gone "
+                raise CaseRejected(f"the delivery folder of beam {beam.number} is gone "
                                    "or is not a folder inside the case; retry the case")
             beam_stage = staging_dir / "beams" / str(beam.number)
-            self._copy_delivery(source, beam_stage / "logs")
+            self._copy_delivery(source, beam_stage / "logs", pseudo)
             relative = f"beams/{beam.number}/moqui_tps_{beam.number}.in"
             _write_atomic(staging_dir / relative, self.input_text(beam.number, remote_dir).encode("utf-8"))
             inputs[beam.number] = relative
+        if pseudo is not None:
+            self._keep_mapping(staging_dir.name, pseudo)
         return inputs
+
+    def _deid_folder(self) -> Optional[Path]:
+        workspace = getattr(self.context, "workspace", None)
+        return Path(workspace) / DEID_FOLDER if workspace is not None else None
+
+    def _pseudonymizer(self) -> Pseudonymizer:
+        """Keyed with the workspace's key, so that one patient or UID maps to the same value in
+        every case; without a workspace (a plugin used on its own) with a key of this instance."""
+        folder = self._deid_folder()
+        if folder is None:
+            if not hasattr(self, "_own_key"):
+                self._own_key = os.urandom(32)
+            return Pseudonymizer(self._own_key)
+        return Pseudonymizer(load_key(folder))
+
+    def _keep_mapping(self, case: str, pseudo: Pseudonymizer) -> None:
+        """What was replaced (new value → original), kept on this host only, mode 0600: the
+        way back from a returned result to the clinic's own plan."""
+        folder = self._deid_folder()
+        if folder is None:
+            return
+        target = folder / "mappings" / f"{case}.json"
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = json.dumps({"case": case, "mapping": pseudo.mapping}, indent=1, sort_keys=True).encode("utf-8")
+        write_atomic(target, data, unchanged_ok=True)
+        os.chmod(target, 0o600)
 
     def input_text(self, beam_number: int, remote_dir: str) -> str:
         """The ``moqui_tps_<n>.in`` content for one beam; paths refer to ``remote_dir`` (POSIX)."""
@@ -313,21 +354,26 @@ class MoquiInterpreter(Interpreter):
             keys[key] = str(value)
         return "".join(f"{key} {value}\n" for key, value in keys.items())
 
-    def _copy_delivery(self, source: Path, target: Path) -> None:
+    def _copy_delivery(self, source: Path, target: Path, pseudo: Optional[Pseudonymizer]) -> None:
+        """Stage the files of ``delivery_files`` (top level only, no symlinks); with ``pseudo``
+        PlanInfo.txt and PlanRange.txt are rewritten by their allowlists and log files renamed."""
         target.mkdir(parents=True, exist_ok=True)
-        for root, dirs, files in os.walk(source, followlinks=False):
-            root_path = Path(root)
-            dirs[:] = sorted(d for d in dirs if not (root_path / d).is_symlink())
-            rel = root_path.relative_to(source)
-            for name in sorted(files):
-                src = root_path / name
-                if src.is_symlink() or not src.is_file():
-                    continue
-                dst = target / rel / name
-                if rel == Path(".") and name == PLAN_INFO and self.settings.deidentify:
-                    _write_atomic(dst, deidentify_plan_info(src.read_bytes()))
-                else:
-                    _copy_atomic(src, dst)
+        patterns = self.settings.delivery_files
+        names = sorted(entry.name for entry in os.scandir(source)
+                       if entry.is_file(follow_symlinks=False)
+                       and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns))
+        renamed: dict[str, str] = {}
+        if pseudo is not None:  # machine logs are named after the patient; other files keep their names
+            logs = [n for n in names if n.lower().endswith(LOG_SUFFIXES)]
+            renamed = {name: delivery_file_name(name, pseudo, i) for i, name in enumerate(logs, 1)}
+        for name in names:
+            src = source / name
+            if pseudo is not None and name == PLAN_INFO:
+                _write_atomic(target / name, deidentify_plan_info(src.read_bytes(), pseudo))
+            elif pseudo is not None and name == PLAN_RANGE:
+                _write_atomic(target / name, deidentify_plan_range(src.read_bytes(), pseudo, renamed))
+            else:
+                _copy_atomic(src, target / renamed.get(name, name))
 
     # -- parse_log ------------------------------------------------------------------
 

@@ -205,6 +205,77 @@ def generate_case(
 
 
 
+def plant_identity(case_dir: Path, seed: int = 0) -> list[str]:
+    """Put patient, staff and site identity into every place a real export carries it (for
+    de-identification tests): the plan's top level, nested and private elements, descriptions,
+    dates and UIDs; PlanInfo.txt keys of every kind, a PlanRange.txt with a PATIENT_ID column,
+    and machine-log files named ``<room>_<patient id>_<plan>_<field>_<layer>.ptn``. Returns every
+    identifying value written: none of them may appear in anything that leaves the host."""
+    import pydicom
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    from mqi_moqui.rtplan import save_dataset
+
+    case_dir = Path(case_dir)
+    plan_file = next(case_dir.glob("RN*.dcm"))
+    ds = pydicom.dcmread(plan_file)
+    tag = f"{seed:04d}"
+    values = {
+        "PatientName": f"Leakname^Anna{tag}", "PatientID": ds.PatientID, "AccessionNumber": f"ACCLEAK{tag}",
+        "StudyID": f"STUDYLEAK{tag}", "OperatorsName": f"Operleak^Otto{tag}", "ReviewerName": f"Revleak^Rita{tag}",
+        "ReferringPhysicianName": f"Refleak^Ralf{tag}", "PhysiciansOfRecord": f"Recleak^Rosa{tag}",
+        "InstitutionName": f"Leakville Proton Center {tag}", "StationName": f"STATLEAK{tag}",
+        "DeviceSerialNumber": f"SERIALLEAK{tag}", "RTPlanDescription": f"plan for Leakname {tag}",
+        "SeriesDescription": f"series of Leakname {tag}", "StudyDescription": f"study of Leakname {tag}",
+        "PatientAge": "047Y", "PatientSize": 1.8125, "PatientWeight": 77.125, "PatientSex": "F",
+        "StudyDate": "20240229", "ReviewDate": "20240228",
+    }
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    request = Dataset()
+    request.PatientName = f"Nestleak^Nina{tag}"
+    request.AccessionNumber = f"NESTACC{tag}"
+    request.RequestedProcedureID = f"PROCLEAK{tag}"
+    ds.RequestAttributesSequence = DicomSequence([request])
+    ds.add_new(0x00110010, "LO", "LEAKY PRIVATE CREATOR")
+    ds.add_new(0x00111001, "LO", f"PRIVLEAK{tag}")
+    inner = Dataset()
+    inner.add_new(0x00090010, "LO", "LEAKY")
+    inner.add_new(0x00091001, "LO", f"PRIVSEQLEAK{tag}")
+    ds.add_new(0x00111002, "SQ", DicomSequence([inner]))
+    beam = ds.IonBeamSequence[0]
+    beam.add_new(0x30090010, "LO", "LEAKY BEAM")
+    beam.add_new(0x30091001, "LO", f"BEAMPRIVLEAK{tag}")
+    setup = Dataset()
+    setup.PatientSetupNumber = 1
+    setup.SetupTechniqueDescription = f"setup of Leakname {tag}"
+    ds.PatientSetupSequence = DicomSequence([setup])
+    save_dataset(ds, str(plan_file))
+    leaks = [str(v) for k, v in values.items() if k not in ("PatientSex", "PatientSize", "PatientWeight")]
+    leaks += [request.AccessionNumber, str(request.PatientName), request.RequestedProcedureID, f"PRIVLEAK{tag}",
+              f"PRIVSEQLEAK{tag}", f"BEAMPRIVLEAK{tag}", setup.SetupTechniqueDescription, "Leakname",
+              ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID,
+              str(ds.PatientName).split("^")[0], plan_file.name]
+
+    for number, folder in enumerate(sorted(p.parent for p in case_dir.glob("*/PlanInfo.txt")), 1):
+        info = folder / "PlanInfo.txt"
+        extra = [f"ACTUAL_DIR,D:\\\\export\\{ds.PatientID}\\beam{number}", f"TCSC_OPERATOR,Operleak^Otto{tag}",
+                 f"TCSC_COMMENT2,called Leakname {tag} at home", f"SHARE_DIR,\\\\10.1.2.3\\share\\{ds.PatientID}",
+                 f"TCSC_PATIENT_NAME,Leakname^Anna{tag}"]
+        info.write_text(info.read_text(encoding="utf-8").rstrip("\n") + "\n" + "\n".join(extra) + "\n",
+                        encoding="utf-8")
+        for old in list(folder.glob("*.ptn")) + list(folder.glob("*.mgn")):
+            old.rename(folder / f"G1_{ds.PatientID}_001_{number:03d}_{1:03d}{old.suffix}")
+        (folder / "PlanRange.txt").write_text(
+            "RESULT_ID,LAYER_NO,LAYER_ENERGY,PATIENT_ID,FLD_NO,DOSE1_RANGE,DOSE2_RANGE,PLAN_DOSE1_RANGE,"
+            "PLAN_DOSE2_RANGE,SCAN_OUT_FL_NM,PLAN_SCAN_OUT_FL_NM\r\n"
+            f"R{tag}9,1,150.0,{ds.PatientID},{number},2,2,2,2,G1_{ds.PatientID}_001_{number:03d}_001.ptn,"
+            f"G1_{ds.PatientID}_001_{number:03d}_001.mgn\r\n", encoding="utf-8")
+    leaks += ["10.1.2.3", "called Leakname", f"R{tag}9"]
+    return sorted(set(leaks))
+
+
 def delivery_dir_of(case_dir: Path, beam: int) -> Path:
     """The delivery folder of ``case_dir`` whose PlanInfo.txt names ``beam`` (for tests and tools)."""
     for planinfo in sorted(Path(case_dir).glob("*/PlanInfo.txt")):
