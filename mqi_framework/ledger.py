@@ -114,6 +114,15 @@ class Ledger:
                                 (step_id, attempt)).fetchone()
         return None if row is None else json.loads(row[0])
 
+    def unconfirmed_starts(self) -> list[dict]:
+        """Commands whose start was asked for and never answered (no handle recorded, no
+        outcome reported), oldest first: their jobs may run."""
+        rows = self.conn.execute(
+            "SELECT body FROM starting s WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.step_id = s.step_id AND "
+            "j.attempt = s.attempt) AND NOT EXISTS (SELECT 1 FROM finished f WHERE f.step_id = s.step_id AND "
+            "f.attempt = s.attempt) ORDER BY at").fetchall()
+        return [json.loads(r[0]) for r in rows]
+
     def job_started(self, body: dict, handle: p.JobHandle) -> None:
         with self.conn:
             self.conn.execute("BEGIN IMMEDIATE")

@@ -20,8 +20,8 @@ import attrs
 __all__ = [
     "ArchiveResult", "Archiver", "BeamPlan", "CaseCandidate", "CasePlan", "CaseRejected", "Curator", "Executor",
     "GpuReading", "Interpreter", "JobHandle", "JobSpec", "JobState", "JobStatus", "LogVerdict", "PermanentError",
-    "Plugin", "PluginContext", "ProgressCallback", "Scanner", "Service", "Transfer", "TransferProgress",
-    "TransferResult",
+    "Plugin", "PluginContext", "ProgressCallback", "Scanner", "Service", "StartUnconfirmed", "Transfer",
+    "TransferProgress", "TransferResult",
 ]
 
 
@@ -79,6 +79,14 @@ class Plugin(abc.ABC):
 class PermanentError(Exception):
     """Raised by a plugin when retrying cannot help (bad input, a path that would leave its
     root): the step fails at once instead of being retried."""
+
+
+class StartUnconfirmed(ConnectionError):
+    """Raised by :meth:`Executor.start` when the start was sent but its answer was lost (the
+    connection dropped or timed out while the start command ran): the job may run. The
+    worker keeps the attempt and calls ``start`` again with the same job key (``start`` is
+    idempotent by key) until it gets an answer; the attempt is neither failed nor retried
+    meanwhile, so a job that did start is never run a second time beside it."""
 
 
 # --------------------------------------------------------------------------- scan

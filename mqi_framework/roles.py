@@ -247,10 +247,15 @@ class ExecuteRole(Role):
     until each is final; after a restart it re-attaches to the ledger's open jobs. A
     ``cancel_step`` kills the attempt's job if it runs."""
 
+    #: seconds between two tries to confirm an unanswered start (doubling up to the cap)
+    CONFIRM_FIRST_SECONDS = 1.0
+    CONFIRM_MAX_SECONDS = 30.0
+
     def __init__(self, runtime: Any, impl: p.Executor) -> None:
         super().__init__(runtime, impl)
         self.interpreter: Optional[p.Interpreter] = None
         self.last_progress: dict[tuple[int, int], float] = {}
+        self.confirm_at: dict[tuple[int, int], tuple[float, float]] = {}  # (when, backoff)
 
     def _interpreter(self) -> p.Interpreter:
         if self.interpreter is None:
@@ -263,9 +268,43 @@ class ExecuteRole(Role):
             self._started(body, known[1], again=True)
             return
         self.ledger.job_starting(body)  # a death between start and job_started is not "never started"
-        handle = self.impl.start(self._spec(body))  # idempotent by job key: a second start re-attaches
+        try:
+            handle = self.impl.start(self._spec(body))  # idempotent by job key: a second start re-attaches
+        except p.StartUnconfirmed as exc:
+            self._unconfirmed(body, exc)
+            return
         self.ledger.job_started(body, handle)
         self._started(body, handle)
+
+    def _unconfirmed(self, body: dict, exc: BaseException) -> None:
+        """The start's answer was lost: the job may run. Not a failed attempt (a new attempt
+        could run the beam twice): the start is asked again, with the same job key, on the
+        coming ticks (:meth:`confirm_starts`)."""
+        key = (body["step_id"], body["attempt"])
+        _, backoff = self.confirm_at.get(key, (0.0, self.CONFIRM_FIRST_SECONDS / 2))
+        backoff = min(self.CONFIRM_MAX_SECONDS, backoff * 2)
+        self.confirm_at[key] = (time.monotonic() + backoff, backoff)
+        log.warning("%s: start unconfirmed (%s): asking again with the same job key in %.0fs", fields(body), exc,
+                    backoff)
+
+    def confirm_starts(self) -> None:
+        """Ask again for every start whose answer was lost (the job may run): a job that
+        started is re-attached (and killed, if its attempt was cancelled meanwhile)."""
+        for body in self.ledger.unconfirmed_starts():
+            key = (body["step_id"], body["attempt"])
+            if time.monotonic() < self.confirm_at.get(key, (0.0, 0.0))[0]:
+                continue
+            try:
+                handle = self.impl.start(self._spec(body))
+            except (ConnectionError, TimeoutError) as exc:  # still no answer: later
+                self._unconfirmed(body, exc)
+                continue
+            self.confirm_at.pop(key, None)
+            self.ledger.job_started(body, handle)
+            if self.ledger.is_cancelled(body["step_id"], body["attempt"]):
+                self._kill(body, handle)
+            else:
+                self._started(body, handle, again=True)
 
     @staticmethod
     def _spec(body: dict) -> p.JobSpec:
@@ -284,11 +323,17 @@ class ExecuteRole(Role):
             if run is None:
                 super().cancel(body)
                 return
-            # this worker asked for the job and died before it recorded the handle: the job
-            # may run. Re-attaching by job key finds it (or starts it, to be killed at once)
+            # the start of this attempt was never answered (this worker died before it
+            # recorded the handle, or the answer was lost): the job may run. Re-attaching by
+            # job key finds it (or starts it, to be killed at once); while its host does not
+            # answer, the tombstone stays and confirm_starts kills it when it does
             log.warning("%s: cancelled while its start was unconfirmed: re-attaching to kill it", fields(body))
             self.ledger.cancel(body["step_id"], body["attempt"])
-            handle = self.impl.start(self._spec(run))
+            try:
+                handle = self.impl.start(self._spec(run))
+            except (ConnectionError, TimeoutError) as exc:
+                self._unconfirmed(run, exc)
+                return
             self.ledger.job_started(run, handle)
             self._kill(run, handle)
             return
@@ -300,6 +345,7 @@ class ExecuteRole(Role):
         self._final(body, "cancelled", "killed on cancel", handle)
 
     def tick(self) -> None:
+        self.confirm_starts()
         for body, handle in self.ledger.open_jobs():
             if self.ledger.is_cancelled(body["step_id"], body["attempt"]):
                 self._kill(body, handle)  # a kill that failed when the cancel came is tried again

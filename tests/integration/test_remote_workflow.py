@@ -87,6 +87,25 @@ def test_case_over_ssh_and_sftp_end_to_end(tmp_path, sshd_running, remote_root, 
     assert host.stop() == 0
 
 
+def test_no_identifier_leaves_the_host_over_sftp(tmp_path, sshd_running, remote_root, host_factory):
+    """Issue 15.1: a plan and deliveries carrying identity in every place a real export does;
+    every byte and every name that reached the GPU server is searched for each identifier."""
+    ws = Workspace(tmp_path / "ws", remote_config(sshd_running, remote_root))
+    case_dir = samples.generate_case(ws.inbox, "Leakname^Anna 0021", seed=21, ready_marker=False)
+    leaks = samples.plant_identity(case_dir, seed=21) + ["Leakname^Anna 0021"]
+    (case_dir / "_CASE_READY").touch()
+    host_factory(workspace=ws)
+    case = wait_final(ws, 1)["Leakname^Anna 0021"]
+    assert case["state"] == "done", (case, ws.logs())
+    sent = [p for p in remote_root.rglob("*") if p.is_file()]
+    assert len(sent) > 10
+    for path in sent:
+        data = path.read_bytes()
+        for leak in leaks:
+            assert leak.encode() not in data, f"{leak!r} in {path}"
+            assert leak not in str(path.relative_to(remote_root)), f"{leak!r} in the remote name {path}"
+
+
 def test_server_down_during_upload_then_back(tmp_path, sshd_running, remote_root, host_factory):
     ws = Workspace(tmp_path / "ws", remote_config(sshd_running, remote_root))
     ws.config["broker"]["max_attempts"] = 20  # the server stays away for a while: keep retrying

@@ -162,6 +162,75 @@ def test_cancel_of_one_attempt_leaves_the_next_alone(execute):
     assert executor.started == ["case-000001-simulate-b1-a2"]
 
 
+class AnswerLost(FakeExecutor):
+    """Starts the job, then loses the answer ``lose`` times; raises ConnectionError (host
+    away) while ``away``."""
+
+    def __init__(self, lose: int = 1) -> None:
+        super().__init__()
+        self.lose = lose
+        self.away = False
+
+    def start(self, spec: p.JobSpec) -> p.JobHandle:
+        if self.away:
+            raise ConnectionError("cannot reach the host")
+        handle = super().start(spec)
+        if self.lose:
+            self.lose -= 1
+            raise p.StartUnconfirmed(f"starting {spec.job_key}: connection dropped while a command ran")
+        return handle
+
+
+def quick(role: ExecuteRole) -> ExecuteRole:
+    role.CONFIRM_FIRST_SECONDS = role.CONFIRM_MAX_SECONDS = 0.0
+    return role
+
+
+def test_a_start_whose_answer_was_lost_is_confirmed_not_failed(tmp_path):
+    """The fault campaign's finding: sshd dropped the connection while the start command ran;
+    the attempt was failed as unreachable and a second attempt ran the beam beside the first.
+    Now the attempt stays, and the same job key is asked again until it is answered."""
+    runtime, executor = Runtime(tmp_path), AnswerLost(lose=1)
+    role = quick(ExecuteRole(runtime, executor))
+    role.handle(run_step())
+    assert runtime.reports == []  # neither started nor failed: unknown yet
+    executor.away = True
+    role.tick()
+    assert runtime.reports == []
+    executor.away = False
+    role.tick()
+    assert [t for t, _ in runtime.reports] == ["step.started"]
+    assert set(executor.state) == {"case-000001-simulate-b1-a1"}  # one job, re-attached by its key
+    executor.state["case-000001-simulate-b1-a1"] = p.JobStatus("exited", exit_code=0)
+    role.tick()
+    role.tick()
+    assert runtime.finals() == [(1, "ok", "exit code 0")]
+
+
+def test_a_cancel_while_the_start_is_unconfirmed_kills_the_job_when_the_host_answers(tmp_path):
+    runtime, executor = Runtime(tmp_path), AnswerLost(lose=1)
+    role = quick(ExecuteRole(runtime, executor))
+    role.handle(run_step())
+    executor.away = True
+    role.handle(cancel_step())  # no exception, no report: the job may run
+    assert runtime.finals() == [] and executor.killed == []
+    executor.away = False
+    role.tick()
+    assert executor.killed == ["case-000001-simulate-b1-a1"]
+    assert runtime.finals() == [(1, "cancelled", "killed on cancel")]
+    role.tick()
+    assert executor.killed == ["case-000001-simulate-b1-a1"] and len(runtime.finals()) == 1
+
+
+def test_an_unconfirmed_start_survives_a_worker_restart(tmp_path):
+    first, executor = Runtime(tmp_path), AnswerLost(lose=1)
+    ExecuteRole(first, executor).handle(run_step())
+    first.ledger.close()
+    again = Runtime(tmp_path)
+    quick(ExecuteRole(again, executor)).tick()
+    assert [t for t, _ in again.reports] == ["step.started"]
+
+
 class FakeTransfer:
     name = "fake"
 

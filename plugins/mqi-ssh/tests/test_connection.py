@@ -87,6 +87,49 @@ def test_missing_or_encrypted_key_file_is_named(sshd_running, tmp_path):
     assert "s3cret-pass" not in str(info.value) and "wrong" not in str(wrong.value).replace("wrong key_passphrase", "")
 
 
+def test_a_server_that_goes_away_during_authentication_is_unreachable_not_a_refusal(sshd_running, tmp_path):
+    """The fault campaign's finding: sshd stopped while a client authenticated; paramiko said
+    "Authentication failed", the step failed at once as a permanent AuthError and its case
+    failed. A real SSH server (paramiko's, on a loopback socket) that closes the link when the
+    key arrives must read as unreachable (retried), not as a refused key."""
+    host_key = paramiko.ECDSAKey.generate()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    (tmp_path / "kh").write_text(f"[127.0.0.1]:{port} {host_key.get_name()} {host_key.get_base64()}\n")
+
+    class GoesAwayAtAuth(paramiko.ServerInterface):
+        def __init__(self, transport: paramiko.Transport) -> None:
+            self.transport = transport
+
+        def get_allowed_auths(self, username: str) -> str:
+            return "publickey"
+
+        def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+            self.transport.close()  # the server is shut down mid-authentication
+            return paramiko.AUTH_FAILED
+
+    def serve() -> None:
+        sock, _ = listener.accept()
+        transport = paramiko.Transport(sock)
+        transport.add_server_key(host_key)
+        transport.start_server(server=GoesAwayAtAuth(transport))
+        time.sleep(5)
+        transport.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    settings = sshd_running.host_settings(port=port, known_hosts=str(tmp_path / "kh"))
+    try:
+        with connect(settings) as conn:
+            with pytest.raises(SshUnreachable, match="dropped during authentication") as info:
+                conn.run("true")
+        assert not isinstance(info.value, (AuthError, PermanentError))
+    finally:
+        listener.close()
+
+
 def test_unreachable_host_is_named(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -55,6 +55,34 @@ def test_second_start_of_a_job_key_reattaches_and_never_runs_twice(make_executor
     assert counter.read_text() == "run\n"
 
 
+def test_a_start_whose_answer_is_cut_off_is_unconfirmed_and_the_same_key_reattaches(make_executor, remote_root,
+                                                                                     sshd_running, mocker):
+    """The fault campaign's finding: the connection dropped after the launch command reached
+    the server. The job runs there; the start must say "unconfirmed" (not "unreachable", which
+    made the host run the beam again beside it), and asking again with the key re-attaches."""
+    import paramiko
+
+    from mqi_framework.protocols import StartUnconfirmed
+
+    executor = make_executor()
+    counter = remote_root / "runs"
+    spec = JobSpec("cut-off", f"echo run >> {shlex.quote(str(counter))}; sleep 1", str(remote_root))
+    original = paramiko.Channel.exec_command
+
+    def sent_then_dropped(channel, command):
+        original(channel, command)
+        assert wait_until(counter.exists, 10)  # it reached the server and the job runs
+        sshd_running.drop_connections()
+
+    patched = mocker.patch.object(paramiko.Channel, "exec_command", sent_then_dropped)
+    with pytest.raises(StartUnconfirmed):
+        executor.start(spec)
+    mocker.stop(patched)
+    handle = executor.start(spec)
+    assert finish(executor, handle).exit_code == 0
+    assert counter.read_text() == "run\n"
+
+
 def test_hostile_values_are_data_not_shell(make_executor, remote_root):
     executor = make_executor()
     workdir = remote_root / HOSTILE.replace("/", "_")

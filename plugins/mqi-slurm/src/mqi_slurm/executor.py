@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import attrs
 
-from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PluginContext
+from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PluginContext, StartUnconfirmed
 from mqi_framework.toolkit import PluginMissing, job_log_fields, safe_component
 from mqi_slurm import states as st
 from mqi_slurm.site import CommandResult, LocalSite, Site, SshSite
@@ -179,7 +179,10 @@ class SlurmExecutor(Executor):
         self.site.write_text(posixpath.join(job_dir, "command.sh"), spec.command + "\n", executable=True)
         self.site.write_text(posixpath.join(job_dir, "job.sh"), self.script(spec, job_dir), executable=True)
         self.site.write_text(posixpath.join(job_dir, "submitting"), f"{time.time()}\n")
-        result = self._run(self.sbatch_argv(spec.job_key, job_dir))
+        try:
+            result = self._run(self.sbatch_argv(spec.job_key, job_dir))
+        except (ConnectionError, TimeoutError) as exc:  # sbatch may have queued it: ask again by name
+            raise StartUnconfirmed(f"submitting job {spec.job_key} on {self.site.where}: {exc}") from None
         if result.returncode != 0:
             raise RuntimeError(f"sbatch {self.site.where} refused job {spec.job_key}: {result.problem()}")
         job_id = st.parse_sbatch(result.stdout)

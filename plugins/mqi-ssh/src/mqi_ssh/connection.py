@@ -31,7 +31,7 @@ from typing import Any, Iterator, Optional, Union
 import paramiko
 
 from mqi_framework.toolkit import CommandResult, waiting
-from mqi_ssh.errors import AuthError, HostKeyError, SshError, SshUnreachable
+from mqi_ssh.errors import AuthError, HostKeyError, SshCommandInterrupted, SshError, SshUnreachable
 from mqi_ssh.handshake import authenticate, fingerprint, handshake
 from mqi_ssh.settings import JumpHostSettings, SshHostSettings
 
@@ -279,9 +279,9 @@ class SshConnection:
                 if channel.exit_status_ready() and (channel.eof_received or channel.closed) and drained:
                     break
                 if channel.closed and drained:  # its transport went away (another thread reconnected)
-                    raise SshUnreachable(f"SSH {self.label}: connection dropped while a command ran")
+                    raise SshCommandInterrupted(f"SSH {self.label}: connection dropped while a command ran")
                 if not self._shared.transport or not self._shared.transport.is_active():
-                    raise SshUnreachable(f"SSH {self.label}: connection dropped while a command ran")
+                    raise SshCommandInterrupted(f"SSH {self.label}: connection dropped while a command ran")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"SSH {self.label}: command did not finish within {timeout:g}s")
@@ -290,11 +290,11 @@ class SshConnection:
             if isinstance(exc, (TimeoutError, SshError)):
                 raise
             self.drop()
-            raise SshUnreachable(f"SSH {self.label}: connection failed while a command ran: {exc}") from None
+            raise SshCommandInterrupted(f"SSH {self.label}: connection failed while a command ran: {exc}") from None
         status = channel.recv_exit_status() if channel.exit_status_ready() else None
         if status == -1 and not channel.get_transport().is_active():  # no exit status: the link went down
             self.drop()
-            raise SshUnreachable(f"SSH {self.label}: connection dropped while a command ran")
+            raise SshCommandInterrupted(f"SSH {self.label}: connection dropped while a command ran")
         return CommandResult(None if status == -1 else status, b"".join(out).decode("utf-8", "replace"),
                              b"".join(err).decode("utf-8", "replace"))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mqi_framework.protocols import PermanentError
 
-__all__ = ["AuthError", "HostKeyError", "SshError", "SshUnreachable"]
+__all__ = ["AuthError", "HostKeyError", "SshCommandInterrupted", "SshError", "SshUnreachable"]
 
 
 class SshError(ConnectionError):
@@ -13,6 +13,11 @@ class SshError(ConnectionError):
 
 class SshUnreachable(SshError):
     """The host (or the jump host) does not answer, or the connection dropped."""
+
+
+class SshCommandInterrupted(SshUnreachable):
+    """The connection dropped after a command was sent and before its exit status came: the
+    command may have run, in part or whole, on the host."""
 
 
 class HostKeyError(SshError, PermanentError):

@@ -25,10 +25,12 @@ from typing import Optional
 
 import attrs
 
-from mqi_framework.protocols import Executor, JobHandle, JobSpec, JobStatus, PermanentError, PluginContext
+from mqi_framework.protocols import (Executor, JobHandle, JobSpec, JobStatus, PermanentError, PluginContext,
+                                     StartUnconfirmed)
 from mqi_framework.toolkit import PathEscapeError, job_log_fields, safe_component
 from mqi_ssh import remote, remotepath
 from mqi_ssh.connection import SshConnection, SshError, connect
+from mqi_ssh.errors import SshCommandInterrupted
 from mqi_ssh.settings import SshHostSettings
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,10 @@ class SshExecutor(Executor):
         except ValueError as exc:
             raise PermanentError(str(exc)) from None
         line = remote.launch(jobs, job_dir, workdir, spec.timeout, self.settings.kill_grace_seconds, command)
-        result = self._conn(host).run(line, timeout=60)
+        try:
+            result = self._conn(host).run(line, timeout=60)
+        except (SshCommandInterrupted, TimeoutError) as exc:  # sent, answer lost: it may run
+            raise StartUnconfirmed(f"starting job {spec.job_key} on {host}: {exc}") from None
         said = result.stdout.strip().splitlines()
         if result.returncode != 0 or not said or said[-1] not in ("started", "attached"):
             raise RuntimeError(f"starting job {spec.job_key} on {host} failed (exit {result.returncode}): "

@@ -117,10 +117,17 @@ def authenticate(transport: paramiko.Transport, user: str, key_file: Optional[st
     if allow_agent:
         for agent_key in paramiko.Agent().get_keys():
             keys.append((f"agent key {fingerprint(agent_key)}", agent_key))
+    refused = 0  # answers in which the server, still connected, said no
     for where, key in keys:
         try:
             transport.auth_publickey(user, key)
         except paramiko.AuthenticationException:
+            if not transport.is_active() and not refused:
+                # paramiko says "Authentication failed" for a link that died while it waited
+                # (a server restarting): a refusal needs a server that answered
+                transport.close()
+                raise SshUnreachable(f"{label}: connection dropped during authentication") from None
+            refused += 1
             tried.append(where)
             continue
         except (paramiko.SSHException, OSError, EOFError) as exc:
