@@ -284,6 +284,11 @@ class Conductor:
                       actor=body.get("worker", "scan"))
         log.info("case=%s: detected (%s)", uid, body.get("reason", ""))
         self._changes.append((uid, "", "detected", {"reason": body.get("reason", "")}))
+        if body.get("problem"):  # a folder that cannot be a case as it is: shown, never run
+            self.conn.execute("UPDATE cases SET attention = 1 WHERE id = ?", (case_id,))
+            case = self.conn.execute("SELECT * FROM cases WHERE id = ?", (case_id,)).fetchone()
+            self._set_case(case, "rejected", str(body["problem"]), final=True)
+            return
         self._advance(case_id)
 
     def _on_step_started(self, body: dict) -> None:

@@ -99,7 +99,10 @@ class CaseCandidate:
     ``case_id`` is the folder name (data, never shell syntax); ``path`` the case folder
     and ``inbox`` the inbox folder it was found in; ``ready`` is True when the folder holds
     ``_CASE_READY`` or nothing in it changed for ``settle_seconds``; ``reason`` says why
-    (``marker``, ``settled``, ``changing``), for people.
+    (``marker``, ``settled``, ``changing``), for people. ``problem``, when not empty, says
+    why the folder cannot be a case as it is (its name is not valid UTF-8, has control
+    characters, is too long): the host shows it as a rejected case with that message and
+    never runs it. The scan worker sets it for such names whatever the scanner said.
     """
 
     case_id: str
@@ -107,6 +110,7 @@ class CaseCandidate:
     inbox: Path
     ready: bool
     reason: str = ""  # "marker", "settled", "changing", ...
+    problem: str = ""
 
 
 class Scanner(Plugin):

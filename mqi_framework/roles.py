@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mqi_framework import logfields, protocols as p
+from mqi_framework.names import name_problem, printable
 from mqi_framework.safepath import is_within
 
 log = logging.getLogger(__name__)
@@ -116,13 +117,19 @@ class ScanRole(Role):
     def tick(self) -> None:
         listed: list[str] = []
         for candidate in self.impl.scan():
-            listed.append(candidate.case_id)
-            if not candidate.ready or candidate.case_id in self.announced:
+            name = printable(candidate.case_id)  # the name as it can be stored and shown
+            listed.append(name)
+            problem = candidate.problem or name_problem(candidate.case_id)
+            if name in self.announced or not (candidate.ready or problem):
                 continue
-            self.report("case.seen", name=candidate.case_id, path=str(candidate.path), inbox=str(candidate.inbox),
-                        reason=candidate.reason)
-            self.ledger.announce(candidate.case_id)
-            self.announced.add(candidate.case_id)
+            try:
+                self.report("case.seen", name=name, path=printable(candidate.path), inbox=printable(candidate.inbox),
+                            reason=candidate.reason, problem=problem)
+            except Exception:  # one folder that cannot be announced never stops the others
+                log.exception("a case folder of %s could not be announced", printable(candidate.inbox))
+                continue
+            self.ledger.announce(name)
+            self.announced.add(name)
         if self.announced - set(listed):  # folders gone from the inbox: forget their names
             self.ledger.forget_except(listed)
             self.announced &= set(listed)

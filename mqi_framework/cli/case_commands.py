@@ -9,7 +9,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from mqi_framework.cli.common import EXIT_FAILED, EXIT_OK, UsageError, load, open_host, print_json, when
+from mqi_framework.cli.common import (EXIT_FAILED, EXIT_OK, UsageError, load, open_host, print_json, private_files,
+                                      when)
 
 
 def cmd_cases(args: argparse.Namespace) -> int:
@@ -197,6 +198,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     from mqi_framework.api import StoreError
 
+    private_files()
     with open_host(args) as host:
         target = args.output or host.workspace_path("backups")
         if args.output is None:

@@ -20,12 +20,31 @@ class UsageError(Exception):
     """Bad usage or configuration: exit code 2."""
 
 
+class OneLineFormatter(logging.Formatter):
+    """Log messages with control characters escaped (:func:`mqi_framework.names.printable`):
+    a value from outside (a folder name with a line break or an ANSI escape) can never forge
+    a log line or drive a terminal. Tracebacks keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from mqi_framework.names import printable
+
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
+PRIVATE_UMASK = 0o077
+
+
+def private_files() -> None:
+    """Files and folders this process creates are its user's alone (0600/0700): the state
+    database, logs, staging, results and backups hold patient data."""
+    os.umask(PRIVATE_UMASK)
+
+
 def setup_logging(level: str = "INFO", debug: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else getattr(logging, level, logging.INFO), handlers=[handler])
 
 
 def config_path(args: argparse.Namespace) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from mqi_framework.cli.common import (DEFAULT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, load, print_json,
-                                      setup_logging)
+                                      private_files, setup_logging)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -160,6 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     loaded = load(args)
     _refuse_broken_setup(loaded)
+    private_files()
     setup_logging(loaded.config.logging.level, args.debug)
 
     def started(log_dir: Path) -> None:
@@ -175,5 +176,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from mqi_framework.worker import WorkerRuntime
 
     loaded = load(args)
+    private_files()
     setup_logging(loaded.config.logging.level, args.debug)
     return WorkerRuntime(loaded, args.name).run()

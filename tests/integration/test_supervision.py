@@ -75,6 +75,35 @@ def test_unusable_plan_is_rejected_and_never_run(ws, host_factory):
     assert not (ws.folder / "remote").exists() or not any((ws.folder / "remote").iterdir())
 
 
+def test_hostile_folder_names_are_rejected_visibly_and_never_stop_the_scan(ws, host_factory):
+    """Issue 15.4: a Latin-1 folder name made every scan tick raise, and the cases sorting
+    after it stayed undetected; a newline or ANSI escape in a name forged log lines."""
+    inbox = os.fsencode(ws.inbox)
+    os.mkdir(inbox + b"/A-M\xdcLLER")  # sorts before the healthy ones
+    (ws.inbox / "B\nINFO forged line").mkdir()
+    (ws.inbox / "C\x1b[31mRED").mkdir()
+    for bad in (b"/A-M\xdcLLER", "/B\nINFO forged line".encode(), "/C\x1b[31mRED".encode()):
+        open(inbox + bad + b"/_CASE_READY", "wb").close()
+    generate_case(ws.inbox, "D-HEALTHY", seed=5)
+    generate_case(ws.inbox, "Z-HEALTHY", seed=6)
+    host_factory()
+    cases = wait_final(ws, 5)
+    assert cases["D-HEALTHY"]["state"] == "done" and cases["Z-HEALTHY"]["state"] == "done"
+    latin1 = cases["A-M\\xdcLLER"]
+    assert latin1["state"] == "rejected" and "UTF-8" in latin1["message"] and latin1["attention"]
+    for name in ("B\\x0aINFO forged line", "C\\x1b[31mRED"):
+        assert cases[name]["state"] == "rejected" and "control characters" in cases[name]["message"]
+    for log in (ws.folder / "logs").glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert "\x1b" not in text and not any(line.startswith("INFO forged") for line in text.splitlines()), log
+    assert "Traceback" not in (ws.folder / "logs" / "scan.log").read_text()
+    # issue 15.3: what the host writes is its user's alone
+    written = [ws.folder / "state.db", *(ws.folder / "logs").glob("*.log"), *(ws.folder / "results").rglob("*"),
+               *(ws.folder / "staging").rglob("*")]
+    assert len(written) > 10
+    assert [str(p) for p in written if p.stat().st_mode & 0o077] == []
+
+
 def test_one_worker_alone_drains_on_sigterm(ws):
     proc = subprocess.Popen([sys.executable, "-m", "mqi_framework.cli", "worker", "scan", "-c", str(ws.config_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

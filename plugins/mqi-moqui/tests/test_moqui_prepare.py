@@ -157,3 +157,14 @@ def test_only_delivery_files_are_staged_no_subfolders_no_symlinks(inbox, tmp_pat
     interpreter.prepare(case, interpreter.interpret(case), staging, REMOTE)
     logs = staging / "beams" / "1" / "logs"
     assert sorted(p.name for p in logs.iterdir()) == ["PlanInfo.txt", "log_0001.mgn", "log_0002.ptn"]
+
+
+def test_a_file_name_too_long_to_stage_is_a_clear_rejection(inbox, tmp_path):
+    """Issue 15.4: a legal 250-byte name failed its case after 15 deliveries with ENAMETOOLONG."""
+    from mqi_framework.protocols import CaseRejected
+
+    interp = MoquiInterpreter(MoquiSettings(deidentify=False), None)
+    case = generate_case(inbox, "LONG", seed=3)
+    (case / delivery_folder_name(3, 1) / ("x" * 246 + ".ptn")).write_bytes(b"\x00")
+    with pytest.raises(CaseRejected, match="too long"):
+        interp.prepare(case, interp.interpret(case), tmp_path / "staging", REMOTE)

@@ -20,6 +20,7 @@ plugin stays cheap.
 # No ``from __future__ import annotations`` here: cattrs structures MoquiSettings from its
 # real (evaluated) annotations.
 
+import errno
 import fnmatch
 import json
 import logging
@@ -300,7 +301,13 @@ class MoquiInterpreter(Interpreter):
                 raise CaseRejected(f"the delivery folder of beam {beam.number} is gone "
                                    "or is not a folder inside the case; retry the case")
             beam_stage = staging_dir / "beams" / str(beam.number)
-            self._copy_delivery(source, beam_stage / "logs", pseudo)
+            try:
+                self._copy_delivery(source, beam_stage / "logs", pseudo)
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                raise CaseRejected(f"beam {beam.number}: a file name in its delivery folder is too long to be "
+                                   "staged; shorten it (or let deidentify rename the logs), then retry") from None
             relative = f"beams/{beam.number}/moqui_tps_{beam.number}.in"
             _write_atomic(staging_dir / relative, self.input_text(beam.number, remote_dir).encode("utf-8"))
             inputs[beam.number] = relative

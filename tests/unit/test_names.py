@@ -1,0 +1,32 @@
+"""Names from outside: escaped for logs, judged before a case is made of them (issue 15.4)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mqi_framework.cli.common import OneLineFormatter
+from mqi_framework.names import MAX_NAME_BYTES, name_problem, printable
+
+
+def test_printable_escapes_control_characters_and_undecodable_bytes():
+    latin1 = os.fsdecode(b"M\xdcLLER")  # how a Latin-1 folder name arrives from os.scandir
+    assert printable(latin1) == "M\\xdcLLER"
+    assert printable("a\nb\rc\x1b[31md\x7f") == "a\\x0ab\\x0dc\\x1b[31md\\x7f"
+    assert printable("Müller Ø 患者 O'Brien") == "Müller Ø 患者 O'Brien"  # ordinary text stays
+    assert printable("x\u2028y") == "x\\u2028y"
+
+
+def test_name_problem_says_why_a_folder_cannot_be_a_case():
+    assert name_problem("Müller, Hans 2024") == ""
+    assert "UTF-8" in name_problem(os.fsdecode(b"M\xdcLLER"))
+    assert "control characters" in name_problem("case\nforged line")
+    assert "control characters" in name_problem("case\x1b[2J")
+    assert "bytes long" in name_problem("x" * (MAX_NAME_BYTES + 1))
+    assert name_problem("x" * MAX_NAME_BYTES) == ""
+
+
+def test_log_lines_cannot_be_forged():
+    formatter = OneLineFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "folder %s seen", ("x\nINFO forged",), None)
+    assert formatter.format(record) == "INFO folder x\\x0aINFO forged seen"
