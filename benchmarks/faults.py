@@ -490,7 +490,10 @@ def judge(run: Run, cases: dict[str, dict], recovery_s: float) -> Result:
         elif state not in FINAL_STATES:
             result.stuck += 1
             result.notes.append(f"{case['id']} stuck in {state}: {case.get('message', '')}")
-        elif name.startswith(LYING_PREFIX) and state == "failed" and "exit code 3" in json.dumps(case["beams"]):
+        elif name.startswith(LYING_PREFIX) and state == "failed" and (
+                "exit code 3" in json.dumps(case["beams"]) or disk_full_in_job_logs(run, case["id"])):
+            # A lying simulator that also met the filled disk fails for that reason first; either
+            # way the case must not be done, which is what this counts.
             result.failed_real += 1
             result.lying_failed += 1
         elif state == "failed" and disk_full_in_job_logs(run, case["id"]):

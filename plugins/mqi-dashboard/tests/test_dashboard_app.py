@@ -327,6 +327,18 @@ def test_login_with_token_and_name(make_app, state_ws, csrf_of):
     assert logout.status_code == 302 and client.get("/workers").status_code == 302
 
 
+def test_logout_ends_the_session_on_the_server(make_app, csrf_of):
+    client = make_app(host="0.0.0.0", token="s3cret-token").test_client()
+    csrf = re.search(rb'name="csrf_token" value="([^"]+)"', client.get("/login").data).group(1).decode()
+    assert client.post("/login", data={"user": "alice", "password": "s3cret-token", "csrf_token": csrf}).status_code == 302
+    saved = client.get_cookie("mqi_dashboard").value  # a copy kept by a browser, a proxy log, a thief
+    assert client.get("/workers").status_code == 200
+    client.post("/logout", data={"csrf_token": csrf_of(client)})
+    client.set_cookie("mqi_dashboard", saved)
+    assert client.get("/workers").status_code == 302  # the old cookie is signed but dead
+    assert client.get("/api/cases").status_code == 401
+
+
 def test_login_with_password_of_a_user(make_app, state_ws, csrf_of):
     from mqi_dashboard.auth import hash_password
 

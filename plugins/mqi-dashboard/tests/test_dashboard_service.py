@@ -4,6 +4,7 @@ serving and stopping."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -127,3 +128,93 @@ def test_waitress_serves_until_stop_is_set(tmp_path):
     keep_alive.close()
     with pytest.raises(OSError):
         urllib.request.urlopen(base + "/healthz", timeout=2)
+
+
+@pytest.fixture
+def serving(tmp_path):
+    """A real waitress dashboard on a free port; yields its base URL and the service."""
+    from mqi_framework.store import open_state
+
+    from mqi_dashboard.sample_state import fill_state
+
+    services = []
+
+    def start(**settings):
+        ws = Workspace(tmp_path / f"ws{len(services)}", dashboard_config({"port": 0}))
+        loaded = load_config(ws.config_path)
+        fill_state(open_state(loaded.database_path), cases=2)
+        service = DashboardService(DashboardSettings(port=0, threads=2, **settings), plugin_context(loaded, "dashboard"))
+        stop = threading.Event()
+        thread = threading.Thread(target=service.serve, args=(stop,), daemon=True)
+        thread.start()
+        assert service.ready.wait(10)
+        services.append((stop, thread))
+        return f"http://127.0.0.1:{service.listening[0][1]}", service.listening[0][1]
+
+    yield start
+    for stop, thread in services:
+        stop.set()
+        thread.join(5)
+
+
+def raw_request(port: int, data: bytes, timeout: float = 5) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_huge_body_is_refused_before_authentication_and_never_spooled(serving, tmp_path):
+    import socket
+
+    _, port = serving(host="127.0.0.1", token="s3cret-token")
+    # announced as 1 GB: refused from the headers alone, with no credentials sent
+    head = (b"POST /login HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: 1073741824\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head + b"x" * 65536)
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    # chunked, no length given: cut off once past the limit
+    chunked = (b"POST /api/cases/x/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+               + b"".join(b"4000\r\n" + b"y" * 0x4000 + b"\r\n" for _ in range(8)) + b"0\r\n\r\n")
+    assert raw_request(port, chunked).startswith(b"HTTP/1.1 413")
+    # a body under the limit still reaches the application (here: its auth check)
+    small = b"POST /api/cases/x/retry HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+    assert raw_request(port, small).startswith(b"HTTP/1.1 401")
+
+
+def test_idle_connections_from_one_client_do_not_lock_out_healthz(serving):
+    import socket
+
+    base, port = serving(connections_per_client=8, max_connections=20)
+    hoard = []
+    try:
+        for _ in range(110):  # more than waitress's own default limit of 100
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished: a slow client
+            hoard.append(sock)
+        for _ in range(3):
+            with urllib.request.urlopen(base + "/healthz", timeout=5) as response:
+                assert json.load(response)["status"] == "ok"
+        closed = 0
+        for sock in hoard:
+            sock.settimeout(0.5)
+            try:
+                closed += sock.recv(1) == b""
+            except (TimeoutError, ConnectionResetError):
+                closed += isinstance(sys.exc_info()[1], ConnectionResetError)
+        assert closed >= 100  # the hoarder lost its oldest sockets, not the server its life
+    finally:
+        for sock in hoard:
+            sock.close()

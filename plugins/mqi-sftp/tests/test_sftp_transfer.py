@@ -310,3 +310,31 @@ def test_big_files_are_verified_segment_by_segment_while_they_stream(make_transf
     (remote_root / "c" / "dose.raw.part").write_bytes(os.urandom(1_500_000))
     transfer.upload(src, str(remote_root / "c"), lambda p: None)
     assert (remote_root / "c" / "dose.raw").read_bytes() == data
+
+
+def test_a_planted_part_symlink_is_replaced_never_written_through(make_transfer, tmp_path, remote_root):
+    # On a shared cluster another account can put `<file>.part -> elsewhere` in a case folder.
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "plan.dcm").write_bytes(os.urandom(5000))
+    (src / "small.txt").write_bytes(b"x" * 10)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    case = remote_root / "c"
+    case.mkdir()
+    (case / "plan.dcm.part").symlink_to(victim)
+    (case / "small.txt.part").symlink_to(tmp_path / "created-elsewhere")  # a dangling one
+    (case / (MANIFEST + ".part")).symlink_to(victim)
+    make_transfer().upload(src, str(case), lambda p: None)
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "created-elsewhere").exists()
+    assert (case / "plan.dcm").read_bytes() == (src / "plan.dcm").read_bytes()
+    assert not list(case.glob("*.part"))
+    assert (case / "plan.dcm").stat().st_mode & 0o077 == 0
+
+
+def test_remote_case_folders_and_files_are_private(make_transfer, tmp_path, remote_root):
+    src = tmp_path / "src"
+    make_tree(src)
+    make_transfer().upload(src, str(remote_root / "new case"), lambda p: None)
+    for path in [remote_root / "new case", *(remote_root / "new case").rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, path

@@ -42,6 +42,15 @@ def test_job_runs_detached_and_reports_its_exit_code(make_executor, remote_root)
     assert executor.read_log(handle, 5) == "oops\n"
 
 
+def test_job_folders_and_what_the_engine_writes_are_private(make_executor, remote_root):
+    executor = make_executor()
+    handle = executor.start(JobSpec("case-1-simulate-b1-a2", "echo dose > dose.raw", str(remote_root)))
+    assert finish(executor, handle).exit_code == 0
+    job_dir = Path(handle.data["job_dir"])
+    for path in [job_dir, *job_dir.iterdir(), remote_root / "dose.raw"]:
+        assert path.stat().st_mode & 0o077 == 0, path
+
+
 def test_second_start_of_a_job_key_reattaches_and_never_runs_twice(make_executor, remote_root):
     executor = make_executor()
     counter = remote_root / "runs"

@@ -38,6 +38,10 @@ log = logging.getLogger(__name__)
 QUEUE_STATS_TTL = 1.0
 
 
+#: how long a browser session lasts after logging in
+SESSION_HOURS = 12
+
+
 class Dashboard:
     """What the request handlers share: settings, context, config, the host API, extra pages."""
 
@@ -48,6 +52,7 @@ class Dashboard:
         self._loaded = loaded
         self.plugin_host = plugin_host
         self.throttle = auth.LoginThrottle()
+        self.sessions = auth.SessionRegistry(SESSION_HOURS * 3600)
         self.extra_pages: list[tuple[str, str, str]] = []  # (path, title, endpoint)
         self._broker_host: Optional[Host] = None
         self._broker_lock = threading.Lock()
@@ -139,8 +144,8 @@ def create_app(settings: Optional[DashboardSettings] = None, context: Optional[P
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         SESSION_COOKIE_SECURE=settings.secure_cookies,
-        PERMANENT_SESSION_LIFETIME=12 * 3600,
-        MAX_CONTENT_LENGTH=64 * 1024,
+        PERMANENT_SESSION_LIFETIME=SESSION_HOURS * 3600,
+        MAX_CONTENT_LENGTH=settings.max_body_bytes,
         TEMPLATES_AUTO_RELOAD=False,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]

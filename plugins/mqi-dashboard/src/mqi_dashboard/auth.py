@@ -102,6 +102,42 @@ class LoginThrottle:
             self._failures.pop(client, None)
 
 
+class SessionRegistry:
+    """The browser sessions that are alive, kept on the server. The signed cookie only names a
+    session; a session id that is not here (logged out, expired, or from before a restart) is
+    refused, so logging out ends the session even where a copy of the cookie survives."""
+
+    def __init__(self, lifetime_seconds: float) -> None:
+        self.lifetime = lifetime_seconds
+        self._lock = threading.Lock()
+        self._expires: dict[str, float] = {}
+
+    def start(self) -> str:
+        """A new session id, valid for the lifetime."""
+        sid = secrets.token_urlsafe(24)
+        now = time.monotonic()
+        with self._lock:
+            self._expires = {k: t for k, t in self._expires.items() if t > now}
+            self._expires[sid] = now + self.lifetime
+        return sid
+
+    def alive(self, sid: Optional[str]) -> bool:
+        if not sid:
+            return False
+        with self._lock:
+            expires = self._expires.get(sid)
+            if expires is None:
+                return False
+            if expires <= time.monotonic():
+                del self._expires[sid]
+                return False
+            return True
+
+    def end(self, sid: Optional[str]) -> None:
+        with self._lock:
+            self._expires.pop(sid or "", None)
+
+
 def hash_password_main(argv: Optional[list[str]] = None) -> int:
     """``mqi-dashboard-hash-password``: read a password (twice, not echoed) and print its hash."""
     import argparse

@@ -68,7 +68,7 @@ def _authenticate() -> tuple[Optional[str], str]:
     if not settings.has_credentials:
         return "local", "local"
     user = session.get("user")
-    if user and session.get("credentials") == dash.credentials_version:
+    if user and session.get("credentials") == dash.credentials_version and dash.sessions.alive(session.get("sid")):
         return user, "session"
     return None, "none"
 
@@ -135,7 +135,7 @@ def login() -> Any:
                 dash.throttle.succeeded(client)
                 session.clear()
                 session.permanent = True
-                session.update(user=name, via=via, credentials=dash.credentials_version,
+                session.update(user=name, via=via, credentials=dash.credentials_version, sid=dash.sessions.start(),
                                csrf=auth.new_csrf_token(), since=time.time())
                 log.info("dashboard: %s logged in (%s) from %s", name, via, client)
                 return redirect(target)
@@ -150,5 +150,6 @@ def login() -> Any:
 
 @blueprint.post("/logout")
 def logout() -> Response:
+    dashboard().sessions.end(session.get("sid"))  # a saved copy of the cookie is dead too
     session.clear()
     return redirect(url_for("security.login") if dashboard().settings.has_credentials else url_for("pages.overview"))

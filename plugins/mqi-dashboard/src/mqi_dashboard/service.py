@@ -67,11 +67,19 @@ class DashboardService(Service):
             raise DashboardRefused("the dashboard refuses to start: " + refused)
         from waitress import create_server, wasyncore
 
+        from mqi_dashboard.connections import guarded_channel_class
+
         app = self.make_app()
         socket_map: dict = {}
-        server = create_server(app, map=socket_map, host=self.settings.host, port=self.settings.port,
-                               threads=self.settings.threads, ident="mqi-dashboard", expose_tracebacks=False,
-                               clear_untrusted_proxy_headers=True)
+        s = self.settings
+        server = create_server(app, map=socket_map, host=s.host, port=s.port, threads=s.threads,
+                               ident="mqi-dashboard", expose_tracebacks=False, clear_untrusted_proxy_headers=True,
+                               # waitress rejects with 413 on `>=` and would spool above inbuf_overflow
+                               max_request_body_size=s.max_body_bytes + 1, inbuf_overflow=s.max_body_bytes + 1,
+                               max_request_header_size=64 * 1024, channel_timeout=s.idle_timeout_seconds,
+                               # our policy keeps below max_connections; waitress's own stop only as a backstop
+                               connection_limit=s.max_connections + 16)
+        server.channel_class = guarded_channel_class(s.connections_per_client, s.max_connections)
         self.listening = list(getattr(server, "effective_listen", None)
                               or [(server.effective_host, server.effective_port)])
         for host, port in self.listening:

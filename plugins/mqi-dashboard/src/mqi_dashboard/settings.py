@@ -68,12 +68,22 @@ class DashboardSettings:
     page_size: int = attrs.field(default=50, validator=_page_size)
     #: waitress worker threads
     threads: int = attrs.field(default=4, validator=_positive)
-    #: signs session cookies; default: random at each start (everyone logs in again after a restart)
+    #: signs session cookies; default: random at each start. Sessions live in the dashboard's
+    #: memory (so logout ends them), so everyone logs in again after a restart either way
     secret_key: Optional[str] = attrs.field(default=None, validator=_non_empty_or_none)
     #: mark cookies Secure (set when a TLS proxy fronts the dashboard)
     secure_cookies: bool = False
     #: hours of GPU history drawn on the GPU page
     gpu_history_hours: float = attrs.field(default=6.0, validator=_positive)
+    #: largest request body accepted (bytes); bigger ones get 413 before authentication
+    #: and are never spooled to disk (the dashboard's forms are a few hundred bytes)
+    max_body_bytes: int = attrs.field(default=64 * 1024, validator=_positive)
+    #: open connections in all; past it the least recently active idle ones are closed
+    max_connections: int = attrs.field(default=100, validator=_positive)
+    #: open connections one client address may hold (same eviction of its idle ones)
+    connections_per_client: int = attrs.field(default=16, validator=_positive)
+    #: seconds an idle connection is kept open
+    idle_timeout_seconds: int = attrs.field(default=30, validator=_positive)
 
     @property
     def has_credentials(self) -> bool:

@@ -88,7 +88,7 @@ def send_file(sftp: paramiko.SFTPClient, item: TreeFile, final: str, part_size: 
                 hash_prefix(fin, offset, hashes.update)
                 counter.add(offset)
             # unbuffered, one SFTP request per read: paramiko's own write buffer only copies
-            with closing(sftp.open(part, "r+b" if offset else "wb", bufsize=0)) as fout:
+            with closing(open_part(sftp, part, resume=bool(offset))) as fout:
                 if segmented:  # started once the part is open (and a fresh one truncated)
                     assert segment_hasher is not None
                     remote_segments = verifier.submit(segment_hasher.segment_hashes, part, hashes.segments, item.size)
@@ -115,6 +115,28 @@ def send_file(sftp: paramiko.SFTPClient, item: TreeFile, final: str, part_size: 
         st = item.path.stat()
         sftp.utime(part, (int(st.st_atime), int(st.st_mtime)))
     return hashes.whole.hexdigest(), verified
+
+
+def open_part(sftp: paramiko.SFTPClient, part: str, *, resume: bool = False) -> paramiko.SFTPFile:
+    """Open remote ``part`` for writing without ever writing through what someone else put at
+    its name: on a shared server a ``.part`` symlink planted in the case folder would
+    otherwise make the upload write wherever it points. Whatever is there (a link, a leftover
+    that is not continued) is removed as an entry, never followed, and a new part is created
+    with ``O_EXCL`` (which fails rather than follow a link made in between) and made 0600.
+    ``resume`` continues an existing regular file, checked with ``lstat`` just before."""
+    try:
+        mode: Optional[int] = sftp.lstat(part).st_mode or 0
+    except FileNotFoundError:
+        mode = None
+    if resume and mode is not None and stat.S_ISREG(mode):
+        return sftp.open(part, "r+b", bufsize=0)
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"remote {part} is a folder; refusing to replace it")
+        sftp.remove(part)
+    fout = sftp.open(part, "wx", bufsize=0)
+    fout.chmod(0o600)
+    return fout
 
 
 def _resumable_offset(part: Path, size: int) -> int:

@@ -42,7 +42,7 @@ from mqi_ssh.connection import SshConnection, SshError, SshUnreachable, connect,
 from mqi_ssh.settings import SshHostSettings
 from mqi_sftp.channels import Counter, run_parallel
 from mqi_sftp.settings import SftpTransferSettings
-from mqi_sftp.streams import RemoteEntry, fetch_file, send_file, walk_remote
+from mqi_sftp.streams import RemoteEntry, fetch_file, open_part, send_file, walk_remote
 from mqi_sftp.verify import RemoteHasher
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class SftpTransfer(Transfer):
             try:
                 mode = sftp.lstat(current).st_mode or 0
             except FileNotFoundError:
-                sftp.mkdir(current)
+                sftp.mkdir(current, 0o700)  # case trees are patient data, even de-identified
                 continue
             if stat.S_ISLNK(mode) and self.host.root is not None and \
                     len(current) > len(posixpath.normpath(self.host.root)):
@@ -282,7 +282,7 @@ class SftpTransfer(Transfer):
                         return  # a re-run of a finished transfer writes nothing
             except OSError:
                 pass
-            with sftp.open(final + PART_SUFFIX, "wb") as fh:
+            with open_part(sftp, final + PART_SUFFIX) as fh:
                 fh.write(data)
             sftp.posix_rename(final + PART_SUFFIX, final)
 

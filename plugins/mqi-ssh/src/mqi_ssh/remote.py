@@ -88,6 +88,7 @@ finish "$code"
 #: (up to 15 s) until the job recorded its pid. Prints ``started`` or ``attached``.
 #: $1 JOBS_DIR  $2 JOB_DIR  $3 WORKDIR  $4 TIMEOUT  $5 GRACE  $6 COMMAND  $7 SUPERVISOR
 LAUNCHER = r"""
+umask 077  # job folders, logs and the engine's output are the clinic's data
 jobs=$1; d=$2
 mkdir -p -- "$jobs" || exit 90
 if mkdir -- "$d" 2>/dev/null; then
