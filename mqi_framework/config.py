@@ -160,6 +160,12 @@ class CaseRules:
     #: a case still ``incomplete`` after this many seconds is flagged for attention (a
     #: ``case.flagged`` event); it keeps being re-checked
     incomplete_flag_after_seconds: float = 3600.0
+    #: a case folder bigger than this (bytes, apparent sizes: a sparse file counts in full)
+    #: is rejected before anything in it is read or copied; 0: no limit. Every case is copied
+    #: three times (staging, execution side, results)
+    max_case_bytes: int = attrs.field(default=2 * 1024**3, validator=attrs.validators.ge(0))
+    #: a case folder with more files than this is rejected the same way; 0: no limit
+    max_case_files: int = attrs.field(default=20000, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from mqi_framework import logfields, protocols as p
+from mqi_framework.limits import measure_case
 from mqi_framework.names import name_problem, printable
 from mqi_framework.safepath import is_within
 
@@ -204,10 +205,24 @@ class PrepareRole(Role):
             self.finished(body, "rejected", "the case folder is missing or lies outside its inbox (symlink?)")
             return
         try:
+            self._check_size(case_dir)
             outcome, message, data = self._prepare(case_dir, body)
         except p.CaseRejected as exc:
             outcome, message, data = "rejected", str(exc), {}
         self.finished(body, outcome, message, data=data)
+
+    def _check_size(self, case_dir: Path) -> None:
+        """Reject a case over ``cases.max_case_bytes`` / ``max_case_files`` before the
+        interpreter reads or copies anything of it."""
+        rules = self.runtime.loaded.config.cases
+        try:
+            size = measure_case(case_dir, rules.max_case_bytes, rules.max_case_files)
+        except OSError as exc:
+            raise p.CaseRejected(f"the case folder cannot be read in full ({exc.strerror or type(exc).__name__}); "
+                                 "fix its permissions, then retry the case") from None
+        if size.over:
+            raise p.CaseRejected(f"{size.over}: remove what does not belong to the case (or raise the "
+                                 "limit in mqi.yaml), then retry the case")
 
     def _prepare(self, case_dir: Path, body: dict) -> tuple[str, str, dict]:
         plan = self.impl.interpret(case_dir)

@@ -16,6 +16,8 @@ own plugins use, so a site plugin gets the same guarantees:
   :func:`optional_plugin`, :class:`PluginMissing`;
 * log lines in the one format (``case=… beam=… step=… attempt=… job=…``): :func:`log_fields`,
   :func:`job_log_fields` (from a job key, all an executor knows);
+* what a case may cost: :func:`measure_case` (apparent sizes, stops at a limit),
+  :func:`human_bytes` for messages;
 * waits the host must not mistake for a hang (the heartbeat goes on): :func:`waiting`;
 * settings validated into an attrs class with the config's errors (YAML paths):
   :func:`structure_settings`;
@@ -31,6 +33,7 @@ from mqi_framework.commands import (CommandResult, PluginMissing, RemoteShell, a
 from mqi_framework.configload import structure as structure_settings
 from mqi_framework.files import PART_SUFFIX, fsync_dir, part_path, write_atomic
 from mqi_framework.hashing import VerificationError, copy_verified, sha256_file
+from mqi_framework.limits import human_bytes, measure_case
 from mqi_framework.logfields import fields as log_fields
 from mqi_framework.logfields import from_job_key as job_log_fields
 from mqi_framework.safepath import PathEscapeError, is_within, safe_component, safe_join
@@ -40,7 +43,8 @@ from mqi_framework.waits import waiting
 __all__ = [
     "CommandResult", "LocalExecutor", "MANIFEST", "PART_SUFFIX", "PathEscapeError", "PluginMissing",
     "RemoteShell", "TreeFile", "VerificationError", "as_result", "copy_verified", "fsync_dir",
-    "is_within", "job_log_fields", "log_fields", "manifest_text", "optional_plugin", "part_path",
+    "human_bytes", "is_within", "job_log_fields", "log_fields", "manifest_text", "measure_case",
+    "optional_plugin", "part_path",
     "require_ssh_plugin", "run_local", "safe_component", "safe_join", "sha256_file", "ssh_shell",
     "structure_settings", "waiting", "walk_tree", "write_atomic", "write_manifest",
 ]

@@ -104,6 +104,22 @@ def test_hostile_folder_names_are_rejected_visibly_and_never_stop_the_scan(ws, h
     assert [str(p) for p in written if p.stat().st_mode & 0o077] == []
 
 
+def test_a_case_over_the_size_limit_is_rejected_before_anything_is_copied(ws, host_factory):
+    """Issue 15.5: a 24 KB case holding a sparse 5 GiB log filled 15.6 GB (staging, remote, results)."""
+    sparse = generate_case(ws.inbox, "SPARSE", seed=3)
+    with open(delivery_dir_of(sparse, 1) / "999.ptn", "wb") as fh:
+        fh.truncate(5 * 1024**3)
+    generate_case(ws.inbox, "FINE", seed=4)
+    host_factory()
+    cases = wait_final(ws, 2)
+    assert cases["FINE"]["state"] == "done"
+    rejected = cases["SPARSE"]
+    assert rejected["state"] == "rejected" and "more than 2.0 GiB (cases.max_case_bytes" in rejected["message"]
+    staged = ws.folder / "staging" / rejected["id"]
+    assert not staged.exists() or not [p for p in staged.rglob("*") if p.is_file()]
+    assert not (ws.folder / "results" / rejected["id"]).exists()
+
+
 def test_one_worker_alone_drains_on_sigterm(ws):
     proc = subprocess.Popen([sys.executable, "-m", "mqi_framework.cli", "worker", "scan", "-c", str(ws.config_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

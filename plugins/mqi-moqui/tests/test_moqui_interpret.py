@@ -103,7 +103,11 @@ def test_duplicate_delivery_is_rejected(inbox, interpreter):
     with pytest.raises(CaseRejected) as info:
         interpreter.interpret(case)
     message = str(info.value)
-    assert "beam 2" in message and first.name in message and "2099010100000000" in message
+    order = sorted(p.name for p in case.iterdir() if (p / "PlanInfo.txt").is_file())
+    first_at, second_at = order.index(first.name) + 1, order.index("2099010100000000") + 1
+    assert "beam 2" in message and f"(#{first_at} and #{second_at} in name order)" in message
+    # folder names often carry patient ids: messages name delivery folders by position only
+    assert first.name not in message and "2099010100000000" not in message
     assert fake_patient_id(1) not in message
 
 
@@ -116,9 +120,12 @@ def test_delivery_for_setup_or_unknown_beam_is_ignored_and_reported(inbox, inter
     plan = interpreter.interpret(case)
     assert [b.number for b in plan.beams] == [1, 2, 3] and plan.missing == []
     ignored = " | ".join(plan.info["ignored_deliveries"])
-    assert "1111: beam 4 is a setup beam" in ignored
-    assert "2222: beam 42 is not a beam of the plan" in ignored
-    assert "3333" in ignored and "not-a-delivery" not in ignored
+    order = sorted(p.name for p in case.iterdir() if (p / "PlanInfo.txt").is_file())
+    at = {name: order.index(name) + 1 for name in ("1111", "2222", "3333")}
+    assert f"delivery folder #{at['1111']}: beam 4 is a setup beam" in ignored
+    assert f"delivery folder #{at['2222']}: beam 42 is not a beam of the plan" in ignored
+    assert f"delivery folder #{at['3333']}: PlanInfo.txt has no valid DICOM_BEAM_NUMBER" in ignored
+    assert not any(name in ignored for name in ("1111", "2222", "3333", "not-a-delivery"))
 
 
 def test_symlinked_entries_are_not_followed(tmp_path, inbox, interpreter):
@@ -173,3 +180,55 @@ def test_crlf_bom_planinfo_maps_the_beam(inbox, interpreter):
                                           "\r\n DICOM_BEAM_NUMBER , 1 \r\n".encode())
     plan = interpreter.interpret(case)
     assert plan.missing == [] and plan.beams[0].delivery_dir == "odd"
+
+
+def _append_private_element(plan, length: int) -> None:
+    """A private OB element (0011,1010) announcing ``length`` bytes, the file extended to hold
+    them without writing them (sparse): a 4 KB plan that claims a 1 GiB value."""
+    import struct
+
+    with open(plan, "ab") as fh:
+        fh.write(struct.pack("<HH", 0x0011, 0x0010) + b"LO" + struct.pack("<H", 8) + b"HOSTILE ")
+        fh.write(struct.pack("<HH", 0x0011, 0x1010) + b"OB\0\0" + struct.pack("<I", length))
+        fh.truncate(fh.tell() + length)
+
+
+def test_a_plan_over_max_plan_bytes_is_refused_before_it_is_parsed(inbox, mocker):
+    from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings
+    from mqi_moqui.rtplan import find_plan_file
+
+    case = generate_case(inbox, "HUGE", seed=1)
+    _append_private_element(find_plan_file(case), 1024**3)
+    parse = mocker.spy(__import__("pydicom"), "dcmread")
+    with pytest.raises(CaseRejected, match=r"is 1\.0 GiB, over the limit of 128\.0 MiB \(max_plan_bytes"):
+        MoquiInterpreter(MoquiSettings(), None).interpret(case)
+    assert all(call.kwargs.get("specific_tags") for call in parse.call_args_list)  # only the SOP class was read
+
+
+def test_a_huge_element_is_refused_without_being_loaded(inbox):
+    import tracemalloc
+
+    from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings
+    from mqi_moqui.rtplan import find_plan_file
+
+    case = generate_case(inbox, "BLOB", seed=1)
+    _append_private_element(find_plan_file(case), 1024**3)
+    interpreter = MoquiInterpreter(MoquiSettings(max_plan_bytes=0), None)  # only the element limit applies
+    tracemalloc.start()
+    try:
+        with pytest.raises(CaseRejected, match=r"element \(0011,1010\) of 1\.0 GiB, over the limit of 16\.0 MiB"):
+            interpreter.interpret(case)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024**2  # the value was never read into memory
+
+
+def test_an_oversized_plan_info_is_a_rejection_not_a_memory_load(inbox, interpreter):
+    from mqi_moqui.samples import delivery_dir_of
+
+    case = generate_case(inbox, "BIGINFO", seed=1)
+    with open(delivery_dir_of(case, 2) / "PlanInfo.txt", "ab") as fh:
+        fh.truncate(3 * 1024**3)
+    with pytest.raises(CaseRejected, match=r"delivery folder #\d: PlanInfo.txt is over 1024 KiB"):
+        interpreter.interpret(case)

@@ -223,3 +223,32 @@ def test_the_sample_generator_writes_plans_the_check_accepts(tmp_path):
     (plan,) = case.glob("RN*.dcm")
     summary = check_plan(pydicom.dcmread(plan))
     assert sorted(summary.treatment) == [1, 2, 3] and len(summary.beams) == 4
+
+
+@pytest.mark.parametrize("keyword,tag", [("IonBeamSequence", 0x300A03A2), ("FractionGroupSequence", 0x300A0070)])
+def test_a_sequence_that_is_not_one_is_a_clear_rejection(keyword, tag):
+    """Issue 15.4: a malformed IonBeamSequence raised an unhandled AttributeError."""
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(QA_PATTERN)
+    ds[tag] = DataElement(tag, "LO", "garbage")
+    with pytest.raises(CaseRejected, match=f"malformed: {keyword} is not a sequence of items"):
+        check_plan(ds)
+
+
+def test_garbage_in_an_implicit_vr_sequence_is_rejected(tmp_path, moqui):
+    # Implicit VR: pydicom reads the bytes as a sequence by the dictionary: one empty item
+    from pydicom.dataelem import DataElement
+
+    case = make_case(tmp_path, QA_PATTERN)
+    rewrite(case / QA_PATTERN.name, lambda ds: ds.__setitem__(0x300A0070, DataElement(0x300A0070, "LO", "garbage")))
+    with pytest.raises(CaseRejected, match="fraction group 1 references no beam"):
+        moqui.interpret(case)
+
+
+def test_a_value_of_the_wrong_shape_anywhere_is_a_rejection_not_a_crash():
+    ds = pydicom.dcmread(QA_PATTERN)
+    ds.IonBeamSequence[0].IonControlPointSequence[0].NominalBeamEnergy = [1.0, 2.0]  # one value expected
+    with pytest.raises(CaseRejected) as caught:
+        check_plan(ds)
+    assert "RT Ion Plan" in str(caught.value)

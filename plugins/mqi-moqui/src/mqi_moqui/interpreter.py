@@ -41,7 +41,7 @@ from mqi_moqui.deid import (Pseudonymizer, deidentify_dataset, deidentify_plan_i
                             delivery_file_name, load_key)
 from mqi_moqui.logjudge import judge_log
 from mqi_moqui.plancheck import check_plan, required_beams
-from mqi_moqui.rtplan import find_plan_file, read_plan, save_dataset
+from mqi_moqui.rtplan import MAX_ELEMENT_BYTES, MAX_PLAN_BYTES, find_plan_file, read_plan, save_dataset
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,11 @@ class MoquiSettings:
     radiation_types: list[str] = attrs.field(factory=lambda: ["PROTON"])
     #: scan modes of treatment beams the engine simulates (upstream Moqui: spot scanning)
     scan_modes: list[str] = attrs.field(factory=lambda: ["MODULATED"])
+    #: an RT Ion Plan file bigger than this (bytes) is rejected before it is parsed; 0: no limit
+    max_plan_bytes: int = attrs.field(default=MAX_PLAN_BYTES, validator=attrs.validators.ge(0))
+    #: a plan holding a single element bigger than this (bytes) is rejected before that
+    #: element is loaded into memory; 0: no limit
+    max_element_bytes: int = attrs.field(default=MAX_ELEMENT_BYTES, validator=attrs.validators.ge(0))
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -161,7 +166,15 @@ def _remote_join(remote_dir: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+def delivery_label(position: int) -> str:
+    """How messages and logs name a delivery folder: by its place among the case's delivery
+    folders in name order (``#2``), because folder names often carry patient identifiers."""
+    return f"delivery folder #{position}"
+
+
 def _delivery_folders(case_dir: Path) -> list[tuple[str, dict[str, str]]]:
+    """The case's delivery folders (those with a PlanInfo.txt) in name order, with their
+    PlanInfo values; the n-th is :func:`delivery_label` ``n``."""
     found = []
     for entry in sorted(case_dir.iterdir(), key=lambda e: e.name):
         if entry.is_symlink() or not entry.is_dir():
@@ -169,12 +182,27 @@ def _delivery_folders(case_dir: Path) -> list[tuple[str, dict[str, str]]]:
         info_file = entry / PLAN_INFO
         if info_file.is_symlink() or not info_file.is_file():
             continue
-        try:
-            data = info_file.read_bytes()
-        except OSError as exc:
-            raise CaseRejected(f"delivery folder {entry.name}: {PLAN_INFO} is not readable ({exc.strerror})") from None
+        data = read_text_file(info_file, f"{delivery_label(len(found) + 1)}: {PLAN_INFO}")
         found.append((entry.name, parse_plan_info(data)))
     return found
+
+
+#: PlanInfo.txt and PlanRange.txt are a few KiB; a bigger one is not read into memory
+MAX_TEXT_BYTES = 1024 * 1024
+
+
+def read_text_file(path: Path, what: str) -> bytes:
+    """The bytes of a small text file of a delivery (PlanInfo.txt, PlanRange.txt); one that is
+    unreadable or over :data:`MAX_TEXT_BYTES` is a rejection naming ``what``."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_TEXT_BYTES + 1)
+    except OSError as exc:
+        raise CaseRejected(f"{what} is not readable ({exc.strerror})") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise CaseRejected(f"{what} is over {MAX_TEXT_BYTES // 1024} KiB: not a machine's export; "
+                           "export the delivery again, then retry the case")
+    return data
 
 
 # ------------------------------------------------------------------------------ interpreter
@@ -196,7 +224,7 @@ class MoquiInterpreter(Interpreter):
         if not case_dir.is_dir():
             raise CaseRejected("the case folder does not exist or is not a folder")
         settings: MoquiSettings = self.settings
-        ds = read_plan(find_plan_file(case_dir))
+        ds = self._read_plan(find_plan_file(case_dir))
         summary = check_plan(ds, radiation_types=settings.radiation_types, scan_modes=settings.scan_modes)
         treatment = summary.treatment
         setup = [n for n, b in summary.beams.items() if not b.treatment]
@@ -207,26 +235,29 @@ class MoquiInterpreter(Interpreter):
             )
 
         deliveries: dict[int, str] = {}
+        positions: dict[str, int] = {}
         ignored: list[str] = []
-        for folder, values in _delivery_folders(case_dir):
+        for position, (folder, values) in enumerate(_delivery_folders(case_dir), 1):
+            positions[folder], label = position, delivery_label(position)
             raw = values.get(BEAM_NUMBER_KEY)
             number = _parse_int(raw) if raw is not None else None
             if number is None:
-                ignored.append(f"{folder}: {PLAN_INFO} has no valid {BEAM_NUMBER_KEY}")
+                ignored.append(f"{label}: {PLAN_INFO} has no valid {BEAM_NUMBER_KEY}")
                 continue
             if number not in treatment:
                 kind = "a setup beam" if number in setup else "not a beam of the plan"
-                ignored.append(f"{folder}: beam {number} is {kind}")
+                ignored.append(f"{label}: beam {number} is {kind}")
                 continue
-            self._check_identity(ds, folder, number, values)
+            self._check_identity(ds, label, number, values)
             if number in deliveries:
                 raise CaseRejected(
-                    f"two delivery folders name beam {number} ({deliveries[number]} and {folder}); "
+                    f"two delivery folders name beam {number} (#{positions[deliveries[number]]} and #{position} "
+                    "in name order); "
                     "remove the one that is not the delivery to check, then retry the case"
                 )
             deliveries[number] = folder
         for note in ignored:
-            log.info("moqui: ignored delivery folder %s", note)
+            log.info("moqui: ignored %s", note)
 
         needed, notes = required_beams(summary, settings.required_beams, deliveries)
         beams = [BeamPlan(number=n, name=treatment[n].name, delivery_dir=deliveries.get(n)) for n in needed]
@@ -249,7 +280,7 @@ class MoquiInterpreter(Interpreter):
             info["ignored_deliveries"] = ignored
         return CasePlan(beams=beams, missing=missing, info=info)
 
-    def _check_identity(self, ds: Any, folder: str, beam: int, values: dict[str, str]) -> None:
+    def _check_identity(self, ds: Any, label: str, beam: int, values: dict[str, str]) -> None:
         """A delivery folder of another patient or study is never this case's delivery:
         holding the case is the only safe answer (issue 14.2). The identifiers themselves
         stay out of the message."""
@@ -264,11 +295,11 @@ class MoquiInterpreter(Interpreter):
             planned = str(ds.get(attribute, "") or "").strip()
             if not delivered:
                 raise CaseRejected(
-                    f"delivery folder {folder} (beam {beam}): {PLAN_INFO} has no {key}, so it cannot be matched to "
+                    f"{label} (beam {beam}): {PLAN_INFO} has no {key}, so it cannot be matched to "
                     f"the plan's {what}; export the delivery again (or set delivery_identity for this site)")
             if delivered != planned:
                 raise CaseRejected(
-                    f"delivery folder {folder} (beam {beam}) belongs to another {what}: {PLAN_INFO}'s {key} is not "
+                    f"{label} (beam {beam}) belongs to another {what}: {PLAN_INFO}'s {key} is not "
                     f"the plan's {attribute}; put this patient's delivery in the case, then retry it")
 
     # -- prepare --------------------------------------------------------------------
@@ -282,13 +313,13 @@ class MoquiInterpreter(Interpreter):
         if pseudo is not None:
             from pydicom.filebase import DicomBytesIO
 
-            ds = read_plan(plan_file)
+            ds = self._read_plan(plan_file)
             deidentify_dataset(ds, pseudo)
             buffer = DicomBytesIO()
             save_dataset(ds, buffer)
             _write_atomic(staging_dir / "dicom" / "RTPLAN.dcm", buffer.getvalue())
         else:
-            read_plan(plan_file)
+            self._read_plan(plan_file)
             _write_atomic(staging_dir / "dicom" / "RTPLAN.dcm", plan_file.read_bytes())
 
         inputs: dict[int, str] = {}
@@ -302,7 +333,7 @@ class MoquiInterpreter(Interpreter):
                                    "or is not a folder inside the case; retry the case")
             beam_stage = staging_dir / "beams" / str(beam.number)
             try:
-                self._copy_delivery(source, beam_stage / "logs", pseudo)
+                self._copy_delivery(source, beam_stage / "logs", pseudo, beam.number)
             except OSError as exc:
                 if exc.errno != errno.ENAMETOOLONG:
                     raise
@@ -314,6 +345,10 @@ class MoquiInterpreter(Interpreter):
         if pseudo is not None:
             self._keep_mapping(staging_dir.name, pseudo)
         return inputs
+
+    def _read_plan(self, path: Path) -> Any:
+        return read_plan(path, max_bytes=self.settings.max_plan_bytes,
+                         max_element_bytes=self.settings.max_element_bytes)
 
     def _deid_folder(self) -> Optional[Path]:
         workspace = getattr(self.context, "workspace", None)
@@ -361,7 +396,7 @@ class MoquiInterpreter(Interpreter):
             keys[key] = str(value)
         return "".join(f"{key} {value}\n" for key, value in keys.items())
 
-    def _copy_delivery(self, source: Path, target: Path, pseudo: Optional[Pseudonymizer]) -> None:
+    def _copy_delivery(self, source: Path, target: Path, pseudo: Optional[Pseudonymizer], beam: int) -> None:
         """Stage the files of ``delivery_files`` (top level only, no symlinks); with ``pseudo``
         PlanInfo.txt and PlanRange.txt are rewritten by their allowlists and log files renamed."""
         target.mkdir(parents=True, exist_ok=True)
@@ -376,9 +411,11 @@ class MoquiInterpreter(Interpreter):
         for name in names:
             src = source / name
             if pseudo is not None and name == PLAN_INFO:
-                _write_atomic(target / name, deidentify_plan_info(src.read_bytes(), pseudo))
+                text = read_text_file(src, f"{PLAN_INFO} of the delivery of beam {beam}")
+                _write_atomic(target / name, deidentify_plan_info(text, pseudo))
             elif pseudo is not None and name == PLAN_RANGE:
-                _write_atomic(target / name, deidentify_plan_range(src.read_bytes(), pseudo, renamed))
+                text = read_text_file(src, f"{PLAN_RANGE} of the delivery of beam {beam}")
+                _write_atomic(target / name, deidentify_plan_range(text, pseudo, renamed))
             else:
                 _copy_atomic(src, target / renamed.get(name, name))
 

@@ -111,6 +111,19 @@ def force_parse(ds: Any) -> None:
                            "export the plan again from the TPS, then retry the case") from None
 
 
+def _sequence(container: Any, keyword: str, where: str) -> list:
+    """The items of sequence ``keyword`` of ``container`` (empty when absent); an element of
+    that name that is not a sequence of items is a malformed plan, said so."""
+    value = container.get(keyword)
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or \
+            not all(hasattr(item, "get") for item in value):
+        raise CaseRejected(f"the RT Ion Plan is malformed: {where}{keyword} is not a sequence of items "
+                           f"({type(value).__name__}); export the plan again")
+    return list(value)
+
+
 def _beam(item: Any, position: int) -> BeamSummary:
     number = item.get("BeamNumber")
     if number is None:
@@ -127,7 +140,7 @@ def _beam(item: Any, position: int) -> BeamSummary:
     if not treatment:
         return BeamSummary(**common)  # type: ignore[arg-type]
 
-    points = item.get("IonControlPointSequence")
+    points = _sequence(item, "IonControlPointSequence", f"{label}'s ")
     declared = item.get("NumberOfControlPoints")
     if not points:
         raise CaseRejected(f"the RT Ion Plan is inconsistent: {label} has no control points "
@@ -189,10 +202,10 @@ def _beam(item: Any, position: int) -> BeamSummary:
 
 def _fraction_groups(ds: Any, beams: dict[int, BeamSummary]) -> list[FractionGroup]:
     groups = []
-    for position, item in enumerate(ds.get("FractionGroupSequence") or [], start=1):
+    for position, item in enumerate(_sequence(ds, "FractionGroupSequence", ""), start=1):
         number = int(item.get("FractionGroupNumber", position) or position)
         referenced: dict[int, Optional[float]] = {}
-        for ref in item.get("ReferencedBeamSequence") or []:
+        for ref in _sequence(item, "ReferencedBeamSequence", f"fraction group {number}'s "):
             beam = ref.get("ReferencedBeamNumber")
             if beam is None:
                 raise CaseRejected(f"the RT Ion Plan is inconsistent: fraction group {number} references a beam "
@@ -206,6 +219,9 @@ def _fraction_groups(ds: Any, beams: dict[int, BeamSummary]) -> list[FractionGro
                                    "which is not a treatment beam")
             meterset = ref.get("BeamMeterset")
             referenced[beam] = None if meterset is None else _number(meterset, f"beam {beam}'s BeamMeterset")
+        if not referenced and any(b.treatment for b in beams.values()):  # (no treatment beam: said later)
+            raise CaseRejected(f"the RT Ion Plan is inconsistent: fraction group {number} references no beam "
+                               "(ReferencedBeamSequence); the file may be damaged: export the plan again")
         declared = item.get("NumberOfBeams")
         if declared is not None and int(declared) != len(referenced):
             raise CaseRejected(f"the RT Ion Plan is inconsistent: fraction group {number} declares {declared} beams "
@@ -221,7 +237,18 @@ def check_plan(ds: Any, *, radiation_types: Iterable[str] = ("PROTON",),
     reason when it is truncated, inconsistent, or has a treatment beam of a radiation type or
     scan mode the engine does not simulate."""
     force_parse(ds)
-    items = ds.get("IonBeamSequence")
+    try:
+        return _check_plan(ds, radiation_types, scan_modes)
+    except CaseRejected:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        # a value of the wrong type or shape somewhere the checks above did not expect it
+        raise CaseRejected(f"the RT Ion Plan is malformed ({type(exc).__name__} while checking it: a value of "
+                           "the wrong type or shape); export the plan again from the TPS") from None
+
+
+def _check_plan(ds: Any, radiation_types: Iterable[str], scan_modes: Iterable[str]) -> PlanSummary:
+    items = _sequence(ds, "IonBeamSequence", "")
     if not items:
         raise CaseRejected("the RT Ion Plan has no IonBeamSequence (no beams); export the complete plan")
     beams: dict[int, BeamSummary] = {}

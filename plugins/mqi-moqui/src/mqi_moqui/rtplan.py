@@ -7,7 +7,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from mqi_framework.protocols import CaseRejected
 
@@ -42,7 +42,8 @@ def _sop_class(path: Path) -> str:
     import pydicom
 
     with quiet_pydicom():
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True,
+        # defer_size: a CT, an RT Dose or a hostile file is looked at without loading its values
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True, defer_size=1024,
                              specific_tags=["SOPClassUID", "Modality"])
     meta = getattr(ds, "file_meta", None)
     sop = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
@@ -109,14 +110,31 @@ def quiet_pydicom() -> Iterator[None]:
         logger.disabled = was_disabled
 
 
-def read_plan(path: Path) -> Any:
-    """Read ``path`` with pydicom and check that it is an RT Ion Plan; raise CaseRejected otherwise."""
+#: the plan file and its single elements may be at most this big unless settings say otherwise
+MAX_PLAN_BYTES = 128 * 1024**2
+MAX_ELEMENT_BYTES = 16 * 1024**2
+
+
+def read_plan(path: Path, *, max_bytes: int = MAX_PLAN_BYTES, max_element_bytes: int = MAX_ELEMENT_BYTES) -> Any:
+    """Read ``path`` with pydicom and check that it is an RT Ion Plan; raise CaseRejected
+    otherwise. A file over ``max_bytes`` (apparent size) is refused before it is parsed, and
+    one holding an element over ``max_element_bytes`` (a 1 GiB private blob) before that
+    element is loaded: values that big are deferred by pydicom and only their lengths read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    from mqi_framework.toolkit import human_bytes
+
+    size = path.stat().st_size
+    if max_bytes and size > max_bytes:
+        raise CaseRejected(
+            f"the RT Ion Plan file {display_name(path.name)} is {human_bytes(size)}, over the limit of "
+            f"{human_bytes(max_bytes)} (max_plan_bytes; real plans are a few MiB); export the plan again "
+            "from the TPS, or raise the limit, then retry the case")
     try:
         with quiet_pydicom():
-            ds = pydicom.dcmread(str(path))
+            ds = pydicom.dcmread(str(path), defer_size=max_element_bytes or None)
+            oversized = _oversized_element(ds, max_element_bytes) if max_element_bytes else None
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CaseRejected(
             f"the RT Ion Plan file {display_name(path.name)} is not readable DICOM ({type(exc).__name__}); "
@@ -127,6 +145,12 @@ def read_plan(path: Path) -> Any:
             f"the RT Ion Plan file {display_name(path.name)} could not be read ({type(exc).__name__}); "
             "export the plan again from the TPS, then retry the case"
         ) from None
+    if oversized is not None:
+        tag, length = oversized
+        raise CaseRejected(
+            f"the RT Ion Plan file {display_name(path.name)} holds an element {tag} of {human_bytes(length)}, over "
+            f"the limit of {human_bytes(max_element_bytes)} (max_element_bytes); export the plan again from the "
+            "TPS, or raise the limit, then retry the case")
     meta = getattr(ds, "file_meta", None)
     sop_class = str(ds.get("SOPClassUID", "") or (meta.get("MediaStorageSOPClassUID", "") if meta else ""))
     modality = str(ds.get("Modality", ""))
@@ -142,6 +166,36 @@ def read_plan(path: Path) -> Any:
             "export the RT Ion Plan from the TPS, then retry the case"
         )
     return ds
+
+
+def _oversized_element(ds: Any, limit: int) -> Optional[tuple[str, int]]:
+    """The first element (tag, length) anywhere in ``ds`` whose value is over ``limit``
+    bytes, read from the raw lengths so that a deferred value is never loaded."""
+    stack = [ds]
+    while stack:
+        current = stack.pop()
+        for tag in sorted(current.keys()):
+            raw = _raw_element(current, tag)
+            length = getattr(raw, "length", None)
+            if getattr(raw, "VR", None) == "SQ" or (length is None and isinstance(raw.value, list)):
+                value = current[raw.tag].value  # a sequence: its items are read (bounded by the file size)
+                stack.extend(item for item in (value or []) if hasattr(item, "elements"))
+                continue
+            if length is None:
+                value = raw.value
+                length = len(value) if isinstance(value, (bytes, str)) else 0
+            if length != 0xFFFFFFFF and length > limit:
+                return f"({raw.tag.group:04X},{raw.tag.element:04X})", length
+    return None
+
+
+def _raw_element(ds: Any, tag: Any) -> Any:
+    """The element at ``tag`` as read (a RawDataElement when not converted yet), without
+    performing a deferred read of its value."""
+    try:
+        return ds.get_item(tag, keep_deferred=True)
+    except TypeError:  # pydicom 2.x has no keep_deferred, and its get_item reads the value
+        return ds._dict[tag]
 
 
 def save_dataset(ds: Any, target: Any) -> None:
