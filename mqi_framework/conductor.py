@@ -36,7 +36,7 @@ import sqlite3
 import time
 from typing import Any, Callable, Optional
 
-from mqi_framework import command_render, logfields, outbox, retry_policy
+from mqi_framework import command_render, logfields, outbox, retention, retry_policy
 from mqi_framework.broker.base import Broker
 from mqi_framework.config import LoadedConfig, StepConfig
 from mqi_framework.kinds import EVENTS_QUEUE, command_queue
@@ -74,6 +74,8 @@ class Conductor:
         self.actor = actor
         self._changes: list[tuple[str, str, str, dict]] = []
         self._last_prune = 0.0
+        self._last_retention = 0.0
+        self._last_sweep = 0.0
         #: while the host was down nobody could start (or report) anything: the grace for
         #: unstarted attempts counts from the later of their dispatch and this conductor's start
         self.started_at = clock()
@@ -94,6 +96,8 @@ class Conductor:
                 "step.started": self._on_step_started,
                 "step.progress": self._on_step_progress,
                 "step.finished": self._on_step_finished,
+                "case.cleaned": self._on_case_cleaned,
+                "remote.swept": self._on_remote_swept,
             }.get(kind)
             if handler is None:
                 rec.add_event(self.conn, "event.unknown", f"unknown event type {kind!r} ignored")
@@ -130,12 +134,37 @@ class Conductor:
             self._reconcile_unstarted(now)
             self._reconcile_allocations(now)
             self._schedule_gpus()
+            self._apply_retention(now)
             if now - self._last_prune > 3600:
                 self._last_prune = now
                 horizon = now - BOOKKEEPING_DAYS * 86400
                 outbox.prune(self.conn, horizon)
                 self.conn.execute("DELETE FROM processed_messages WHERE at < ?", (horizon,))
         self._flush_notifications()
+
+    def _retention_worker(self) -> Optional[str]:
+        """The worker that removes a case's copies: the one that moved them (the first
+        transfer step's); None in a workflow without transfers."""
+        return next((step.worker for step in self.steps if step.direction), None)
+
+    def _apply_retention(self, now: float) -> None:
+        """Ask the transfer worker to remove the copies of finished cases that are due, and
+        to sweep the remote root for orphans (:mod:`mqi_framework.retention`)."""
+        if now - self._last_retention < self.cfg.retention.check_seconds:
+            return
+        self._last_retention = now
+        worker = self._retention_worker()
+        if worker is None:
+            return
+        for row, copies in retention.due(self.conn, self.cfg.retention, FINAL, now):
+            self._send(worker, retention.clean_command(self.loaded, row, copies))
+            retention.mark_requested(self.conn, row, now)
+        sweep_hours = self.cfg.retention.orphan_sweep_hours
+        if sweep_hours is not None and now - self._last_sweep >= sweep_hours * 3600:
+            body = retention.sweep_command(self.loaded, self.conn, now)
+            if body is not None:
+                self._last_sweep = now
+                self._send(worker, body)
 
     def _reconcile_unstarted(self, now: float) -> None:
         """A command no worker started within every lease and retry it had (dead-lettered,
@@ -230,6 +259,24 @@ class Conductor:
                 raise ConductorError(f"{case['uid']} is {state}; only failed, cancelled, rejected or incomplete "
                                      f"cases can be retried")
             now = self.clock()
+            removed = retention.removed_copies(case)
+            if removed and state not in ("rejected", "incomplete") and case["step_index"] != 0:
+                # retention removed what later steps need (inputs on the execution side, outputs
+                # not yet downloaded, the staged copy): the whole case runs again, from its first step
+                if beam is not None:
+                    raise ConductorError(f"{case['uid']}'s {' and '.join(removed)} copies were removed by retention; "
+                                         "retry the whole case (it runs again from its first step)")
+                for row in self.conn.execute("SELECT * FROM steps WHERE case_id = ?", (case["id"],)).fetchall():
+                    self.conn.execute("UPDATE steps SET state = 'pending', max_attempt = attempt + ?, "
+                                      "next_attempt_at = NULL, message = '' WHERE id = ?",
+                                      (self.steps[row["step_index"]].retry.max_attempts, row["id"]))
+                self.conn.execute("UPDATE beams SET state = 'pending', message = '', updated_at = ? WHERE case_id = ?",
+                                  (now, case["id"]))
+                self.conn.execute("UPDATE cases SET step_index = 0, cleaned = '{}' WHERE id = ?", (case["id"],))
+                rec.add_event(self.conn, "case.retry", f"its {' and '.join(removed)} copies were removed by "
+                              "retention: the case runs again from its first step", case_id=case["id"], actor=actor)
+                case = self._case(case["id"])
+                state = "rejected"  # from here on: a retry from the first step
             if state in ("rejected", "incomplete") or case["step_index"] == 0:
                 if beam is not None:
                     raise ConductorError(f"{case['uid']} has not got its beams yet; retry the whole case")
@@ -254,7 +301,7 @@ class Conductor:
                                   f"WHERE case_id = ? AND state IN ('failed', 'cancelled')"
                                   f"{beam_filter.replace('beam_number', 'number')}", [now] + params)
             self.conn.execute("UPDATE cases SET attention = 0, finished_at = NULL, incomplete_since = NULL, "
-                              "next_check_at = NULL WHERE id = ?", (case["id"],))
+                              "next_check_at = NULL, cleaned = '{}' WHERE id = ?", (case["id"],))
             rec.add_event(self.conn, "case.retry", f"retry requested{f' for beam {beam}' if beam else ''}",
                           case_id=case["id"], actor=actor)
             self._set_case(case, "detected" if case["step_index"] == 0 or state in ("rejected", "incomplete")
@@ -290,6 +337,17 @@ class Conductor:
             self._set_case(case, "rejected", str(body["problem"]), final=True)
             return
         self._advance(case_id)
+
+    def _on_case_cleaned(self, body: dict) -> None:
+        line = retention.apply_cleaned(self.conn, body, self.clock(), FINAL)
+        if line is not None:
+            rec.add_event(self.conn, "case.cleaned", line, case_id=body.get("case_id"))
+
+    def _on_remote_swept(self, body: dict) -> None:
+        removed, problems = int(body.get("removed") or 0), list(body.get("problems") or [])
+        if removed or problems:
+            rec.add_event(self.conn, "remote.swept", f"removed {removed} orphaned case folder(s) from the remote root"
+                          + (f"; problems: {'; '.join(problems)[:500]}" if problems else ""))
 
     def _on_step_started(self, body: dict) -> None:
         row = self._step_for(body)

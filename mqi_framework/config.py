@@ -168,6 +168,33 @@ class CaseRules:
     max_case_files: int = attrs.field(default=20000, validator=attrs.validators.ge(0))
 
 
+def _never_or_not_negative(instance: Any, attribute: Any, value: Optional[float]) -> None:
+    if value is not None and value < 0:
+        raise ValueError(f"{attribute.name} must be 0 or more, or null (never), got {value!r}")
+
+
+@attrs.frozen
+class RetentionConfig:
+    """How long the copies of a finished case are kept (docs/privacy.md). Each time counts
+    from the moment the case finished (done, failed, cancelled or rejected); ``null`` keeps
+    that copy for ever. A case retried after any of its copies was removed runs again from
+    its first step."""
+
+    #: hours until the case's tree on the execution side (``remote_root/<case>``) is removed
+    remote_after_hours: Optional[float] = attrs.field(default=24.0, validator=_never_or_not_negative)
+    #: days until the staged (de-identified, uploaded) copy in ``<workspace>/staging`` is removed
+    staging_after_days: Optional[float] = attrs.field(default=7.0, validator=_never_or_not_negative)
+    #: days until the downloaded results in ``<workspace>/results`` are removed (default:
+    #: kept; they are the QA record: archive them before setting this)
+    results_after_days: Optional[float] = attrs.field(default=None, validator=_never_or_not_negative)
+    #: hours between sweeps of the remote root for orphans: folders named like a case id
+    #: (``case-000042``) that no case of this host still needs, older than
+    #: ``remote_after_hours`` (``null``: no sweep). The remote root must be this host's own
+    orphan_sweep_hours: Optional[float] = attrs.field(default=24.0, validator=_never_or_not_negative)
+    #: how often the conductor looks for copies that are due (seconds)
+    check_seconds: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+
+
 @attrs.frozen
 class SupervisionConfig:
     """How ``mqi-host run`` watches its processes."""
@@ -214,6 +241,8 @@ class MqiConfig:
     broker: BrokerConfig = BrokerConfig()
     #: how incomplete cases are re-checked and flagged
     cases: CaseRules = CaseRules()
+    #: how long the copies of a finished case are kept on the execution side and the host
+    retention: RetentionConfig = RetentionConfig()
     #: how ``mqi-host run`` watches, restarts and stops its processes
     supervision: SupervisionConfig = SupervisionConfig()
     #: log level and log folder

@@ -70,3 +70,20 @@ def write_atomic(path: Union[Path, str], data: Union[bytes, str], *, durable: bo
     if durable:
         fsync_dir(path.parent)
     return True
+
+
+def remove_tree(path: Union[Path, str]) -> bool:
+    """Delete the tree at ``path`` (retention); return False when nothing was there. Links
+    inside it are removed, never followed (``shutil.rmtree`` works on folder descriptors on
+    Linux, so a link swapped in meanwhile cannot lead it elsewhere); ``path`` itself being a
+    link removes only the link."""
+    import shutil
+
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+        return True
+    if not path.exists():
+        return False
+    shutil.rmtree(path)
+    return True

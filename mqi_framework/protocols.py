@@ -21,7 +21,7 @@ __all__ = [
     "ArchiveResult", "Archiver", "BeamPlan", "CaseCandidate", "CasePlan", "CaseRejected", "Curator", "Executor",
     "GpuReading", "Interpreter", "JobHandle", "JobSpec", "JobState", "JobStatus", "LogVerdict", "PermanentError",
     "Plugin", "PluginContext", "ProgressCallback", "Scanner", "Service", "StartUnconfirmed", "Transfer",
-    "TransferProgress", "TransferResult",
+    "RemoteFolder", "TransferProgress", "TransferResult",
 ]
 
 
@@ -150,6 +150,16 @@ class TransferResult:
     skipped: int = 0  # files already present and verified (resume / re-run)
 
 
+@attrs.frozen
+class RemoteFolder:
+    """A folder found directly under the remote root (for the orphan sweep)."""
+
+    #: the folder's name (not a path)
+    name: str
+    #: its modification time, epoch seconds
+    mtime: float
+
+
 class Transfer(Plugin):
     """Moves a tree between the host and the execution side ("remote").
 
@@ -165,6 +175,18 @@ class Transfer(Plugin):
     @abc.abstractmethod
     def download(self, remote_dir: str, local_dir: Path, progress: ProgressCallback) -> TransferResult:
         """Copy the tree ``remote_dir`` to ``local_dir`` (created if missing)."""
+
+    def remove(self, remote_dir: str) -> bool:
+        """Delete the tree ``remote_dir`` on the execution side (retention, after the
+        results are downloaded and verified); symlinks inside it are removed, never
+        followed. Return False when it was not there. The default raises
+        ``NotImplementedError``: the host then keeps remote trees and says so."""
+        raise NotImplementedError(f"the {self.name} transfer cannot remove remote trees")
+
+    def list_remote(self, remote_root: str) -> list[RemoteFolder]:
+        """The folders directly under ``remote_root`` (for the orphan sweep); an empty list
+        when it does not exist. The default raises ``NotImplementedError``."""
+        raise NotImplementedError(f"the {self.name} transfer cannot list remote folders")
 
 
 # --------------------------------------------------------------------------- execute

@@ -18,11 +18,13 @@ What a worker still writes into the state database is its own: its heartbeat row
 from __future__ import annotations
 
 import logging
+import posixpath
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from mqi_framework import logfields, protocols as p
+from mqi_framework import logfields, protocols as p, retention
+from mqi_framework.files import remove_tree
 from mqi_framework.limits import measure_case
 from mqi_framework.names import name_problem, printable
 from mqi_framework.safepath import is_within
@@ -241,7 +243,66 @@ class PrepareRole(Role):
 
 
 class TransferRole(Role):
-    """Uploads the staging tree or downloads results, reporting progress."""
+    """Uploads the staging tree or downloads results, reporting progress; removes the
+    copies of finished cases and sweeps the remote root when the conductor says so
+    (:mod:`mqi_framework.retention`)."""
+
+    def handle(self, body: dict) -> None:
+        kind = body.get("type")
+        if kind == "clean_case":
+            self._clean(body)
+        elif kind == "sweep_remote":
+            self._sweep(body)
+        else:
+            super().handle(body)
+
+    def _clean(self, body: dict) -> None:
+        uid = str(body.get("case", ""))
+        if not retention.CASE_UID.match(uid):
+            raise PermanentError(f"clean_case for {printable(uid)!r}: not a case id; nothing removed")
+        removed, missing, unsupported, problems = [], [], [], []
+        for copy in body.get("remove") or []:
+            where = body.get(f"{copy}_dir")
+            if copy not in retention.COPIES or not where or posixpath.basename(str(where).rstrip("/")) != uid:
+                problems.append(f"{copy}: refused to remove {printable(str(where))!r} (not the case's folder)")
+                continue
+            try:
+                found = self.impl.remove(where) if copy == "remote" else remove_tree(where)
+            except NotImplementedError:
+                unsupported.append(copy)
+                continue
+            except Exception as exc:  # noqa: BLE001 - an unreachable host, a permission: asked again later
+                problems.append(f"{copy}: {type(exc).__name__}: {printable(str(exc))[:300]}")
+                continue
+            (removed if found else missing).append(copy)
+        log.info("case=%s: retention removed %s%s", uid, ", ".join(removed) or "nothing",
+                 f" (problems: {'; '.join(problems)})" if problems else "")
+        self.report("case.cleaned", case_id=body.get("case_id"), case=uid, removed=removed, missing=missing,
+                    unsupported=unsupported, problems=problems)
+
+    def _sweep(self, body: dict) -> None:
+        root, keep = str(body["remote_root"]), set(body.get("keep") or [])
+        older_than = float(body["older_than"])
+        removed, problems = 0, []
+        try:
+            folders = self.impl.list_remote(root)
+        except NotImplementedError:
+            return
+        except Exception as exc:  # noqa: BLE001 - an unreachable host: the next sweep tries again
+            log.info("remote sweep skipped: %s: %s", type(exc).__name__, printable(str(exc))[:300])
+            return
+        for folder in folders:
+            if not retention.CASE_UID.match(folder.name) or folder.name in keep or folder.mtime > older_than:
+                continue
+            try:
+                self.impl.remove(posixpath.join(root, folder.name))
+                removed += 1
+            except Exception as exc:  # noqa: BLE001 - the next sweep tries again
+                problems.append(f"{folder.name}: {type(exc).__name__}: {printable(str(exc))[:200]}")
+        if removed or problems:
+            log.info("remote sweep: removed %d orphaned case folder(s)%s", removed,
+                     f" (problems: {'; '.join(problems)})" if problems else "")
+        self.report("remote.swept", removed=removed, problems=problems)
 
     def run(self, body: dict) -> None:
         self.begin(body)

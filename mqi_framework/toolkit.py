@@ -5,7 +5,7 @@ own plugins use, so a site plugin gets the same guarantees:
 * paths that never leave their root: :func:`is_within`, :func:`safe_join`,
   :func:`safe_component`, :class:`PathEscapeError`;
 * files written atomically and durably: :func:`write_atomic`, :func:`part_path`,
-  :func:`fsync_dir`;
+  :func:`fsync_dir`; trees removed without following links: :func:`remove_tree`;
 * verified copies and hashes: :func:`copy_verified`, :func:`sha256_file`,
   :class:`VerificationError`;
 * transferred trees and their manifest: :func:`walk_tree`, :class:`TreeFile`,
@@ -31,7 +31,7 @@ from mqi_framework.builtin.local_executor import LocalExecutor
 from mqi_framework.commands import (CommandResult, PluginMissing, RemoteShell, as_result, optional_plugin,
                                     require_ssh_plugin, run_local, ssh_shell)
 from mqi_framework.configload import structure as structure_settings
-from mqi_framework.files import PART_SUFFIX, fsync_dir, part_path, write_atomic
+from mqi_framework.files import PART_SUFFIX, fsync_dir, part_path, remove_tree, write_atomic
 from mqi_framework.hashing import VerificationError, copy_verified, sha256_file
 from mqi_framework.limits import human_bytes, measure_case
 from mqi_framework.logfields import fields as log_fields
@@ -45,6 +45,6 @@ __all__ = [
     "RemoteShell", "TreeFile", "VerificationError", "as_result", "copy_verified", "fsync_dir",
     "human_bytes", "is_within", "job_log_fields", "log_fields", "manifest_text", "measure_case",
     "optional_plugin", "part_path",
-    "require_ssh_plugin", "run_local", "safe_component", "safe_join", "sha256_file", "ssh_shell",
+    "remove_tree", "require_ssh_plugin", "run_local", "safe_component", "safe_join", "sha256_file", "ssh_shell",
     "structure_settings", "waiting", "walk_tree", "write_atomic", "write_manifest",
 ]

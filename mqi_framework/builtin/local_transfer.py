@@ -23,8 +23,10 @@ from typing import Optional
 import attrs
 
 from mqi_framework import hookimpl
+from mqi_framework.files import remove_tree
 from mqi_framework.hashing import copy_verified, fsync_dir, part_path, sha256_file
-from mqi_framework.protocols import PluginContext, ProgressCallback, Transfer, TransferProgress, TransferResult
+from mqi_framework.protocols import (PluginContext, ProgressCallback, RemoteFolder, Transfer, TransferProgress,
+                                     TransferResult)
 from mqi_framework.safepath import PathEscapeError, is_within
 from mqi_framework.tree import TreeFile, walk_tree, write_manifest
 
@@ -71,6 +73,18 @@ class LocalTransfer(Transfer):
 
     def download(self, remote_dir: str, local_dir: Path, progress: ProgressCallback) -> TransferResult:
         return self._copy_tree(self._remote(remote_dir), Path(local_dir), progress)
+
+    def remove(self, remote_dir: str) -> bool:
+        return remove_tree(self._remote(remote_dir))
+
+    def list_remote(self, remote_root: str) -> list[RemoteFolder]:
+        root = self._remote(remote_root)
+        try:
+            entries = list(os.scandir(root))
+        except FileNotFoundError:
+            return []
+        return [RemoteFolder(e.name, e.stat(follow_symlinks=False).st_mtime) for e in entries
+                if e.is_dir(follow_symlinks=False)]
 
     def _copy_tree(self, src: Path, dst: Path, progress: ProgressCallback) -> TransferResult:
         if not src.is_dir():

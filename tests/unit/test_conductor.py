@@ -249,3 +249,30 @@ def test_cancel_of_a_command_nobody_took_finishes_after_the_grace(env):
     conductor.tick()
     assert case_row(conn)["state"] == "cancelled"
     assert conn.execute("SELECT COUNT(*) FROM resources WHERE allocated_step IS NOT NULL").fetchone()[0] == 0
+
+
+def test_retention_asks_once_records_answers_and_ignores_late_ones(env):
+    conductor, conn, clock, _ = env
+    send(conductor, {"type": "case.seen", "name": "C1", "path": "/in/C1", "inbox": "/in"})
+    finish(conductor, commands(conn, "mqi.prepare")[0], outcome="rejected", message="no RT Ion Plan")
+    clock.now += 23 * 3600
+    conductor.tick()
+    assert not [c for c in commands(conn, "mqi.transfer") if c["type"] == "clean_case"]  # not due yet
+    clock.now += 2 * 3600
+    conductor.tick()
+    (clean,) = [c for c in commands(conn, "mqi.transfer") if c["type"] == "clean_case"]
+    assert clean["remove"] == ["remote"] and clean["remote_dir"].endswith("/case-000001")
+    assert clean["staging_dir"].endswith("staging/case-000001")
+    clock.now += 120
+    conductor.tick()  # asked, not answered: not asked again yet
+    assert len([c for c in commands(conn, "mqi.transfer") if c["type"] == "clean_case"]) == 1
+    send(conductor, {"type": "case.cleaned", "case_id": clean["case_id"], "removed": [], "missing": [],
+                     "unsupported": ["remote"], "problems": []})
+    clock.now += 7 * 86400
+    conductor.tick()
+    (second,) = [c for c in commands(conn, "mqi.transfer") if c["type"] == "clean_case"][1:]
+    assert second["remove"] == ["staging"]  # a transfer that cannot remove is not asked again
+    # retried before the answer came: the case runs from its first step, and the answer changes nothing
+    assert conductor.retry("C1") == "preparing"
+    send(conductor, {"type": "case.cleaned", "case_id": clean["case_id"], "removed": ["staging"]})
+    assert json.loads(case_row(conn)["cleaned"]) == {}

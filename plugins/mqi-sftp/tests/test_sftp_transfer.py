@@ -338,3 +338,25 @@ def test_remote_case_folders_and_files_are_private(make_transfer, tmp_path, remo
     make_transfer().upload(src, str(remote_root / "new case"), lambda p: None)
     for path in [remote_root / "new case", *(remote_root / "new case").rglob("*")]:
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_remove_deletes_the_tree_and_never_follows_a_link(make_transfer, tmp_path, remote_root):
+    src = tmp_path / "src"
+    make_tree(src)
+    transfer = make_transfer()
+    case = remote_root / "case-000007"
+    transfer.upload(src, str(case), lambda p: None)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("not the host's to delete")
+    (case / "a" / "link-to-outside").symlink_to(outside)
+    (case / "file-link").symlink_to(outside / "keep.txt")
+    (remote_root / "case-000008").mkdir()
+    names = sorted(f.name for f in transfer.list_remote(str(remote_root)))
+    assert names == ["case-000007", "case-000008"]
+    assert transfer.remove(str(case)) is True
+    assert not case.exists() and (outside / "keep.txt").read_text() == "not the host's to delete"
+    assert transfer.remove(str(case)) is False  # already gone
+    with pytest.raises(PathEscapeError):
+        transfer.remove(str(remote_root / ".." / "outside"))
+    assert outside.is_dir()

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import paramiko
 
-from mqi_framework.protocols import PluginContext, ProgressCallback, Transfer, TransferResult
+from mqi_framework.protocols import PluginContext, ProgressCallback, RemoteFolder, Transfer, TransferResult
 from mqi_framework.toolkit import (MANIFEST, PART_SUFFIX, PathEscapeError, TreeFile, VerificationError, fsync_dir,
                                    is_within, manifest_text, part_path, sha256_file, walk_tree, write_manifest)
 from mqi_ssh import remotepath
@@ -141,6 +141,49 @@ class SftpTransfer(Transfer):
                 self._conn.drop()
             raise SshUnreachable(f"SFTP with {self.host.label()} failed: {type(exc).__name__}: {exc}; "
                                  f"the transfer resumes on the next attempt") from exc
+
+    # ------------------------------------------------------------------ retention
+
+    def remove(self, remote_dir: str) -> bool:
+        path = self._remote(remote_dir)
+        return self._guard(lambda: self._remove(path))  # type: ignore[arg-type,return-value]
+
+    def _remove(self, path: str) -> bool:
+        """Delete the tree over SFTP (no shell needed): files and links are unlinked (a link
+        is never followed: ``listdir_attr`` reports it as a link), then folders bottom-up."""
+        with self.conn.sftp() as sftp:
+            try:
+                mode = sftp.lstat(path).st_mode or 0
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISDIR(mode):
+                sftp.remove(path)
+                return True
+            folders, stack = [], [path]
+            while stack:
+                folder = stack.pop()
+                folders.append(folder)
+                for entry in sftp.listdir_attr(folder):
+                    child = posixpath.join(folder, entry.filename)
+                    if stat.S_ISDIR(entry.st_mode or 0):
+                        stack.append(child)
+                    else:
+                        sftp.remove(child)
+            for folder in reversed(folders):
+                sftp.rmdir(folder)
+        return True
+
+    def list_remote(self, remote_root: str) -> list[RemoteFolder]:
+        path = self._remote(remote_root)
+        return self._guard(lambda: self._list_remote(path))  # type: ignore[arg-type,return-value]
+
+    def _list_remote(self, path: str) -> list[RemoteFolder]:
+        with self.conn.sftp() as sftp:
+            try:
+                entries = sftp.listdir_attr(path)
+            except FileNotFoundError:
+                return []
+        return [RemoteFolder(e.filename, float(e.st_mtime or 0)) for e in entries if stat.S_ISDIR(e.st_mode or 0)]
 
     # ------------------------------------------------------------------ remote helpers
 
