@@ -230,6 +230,15 @@ class Host:
         except StoreError:  # no state database here (a broker shared with another workspace)
             return [None] * len(letters)
 
+    def redact_names(self, texts: list[str]) -> list[str]:
+        """``texts`` with every case folder name in them replaced by ``[case folder]``
+        (:func:`mqi_framework.store.views.redact_known_names`): for free texts such as
+        dead-letter reasons, shown unless the user asked for names."""
+        try:
+            return views.redact_known_names(self.reader(), texts)
+        except StoreError:  # no state database: no case, so no name to hide
+            return list(texts)
+
     def host_pid(self) -> Optional[int]:
         """The pid of the ``mqi-host run`` that holds this workspace's lock, None when no host
         runs. Read from the kernel's lock table: asking never takes the lock, so it cannot

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["MAX_NAME_BYTES", "name_problem", "printable"]
+__all__ = ["CASE_FOLDER", "MAX_NAME_BYTES", "name_problem", "printable", "without_case_folder"]
+
+#: what stands in a message for a case folder's path (its name may be a patient id)
+CASE_FOLDER = "[case folder]"
 
 #: the longest folder name taken as a case (UTF-8 bytes): room for the suffixes of derived
 #: names within the 255 bytes a file name may have
@@ -48,3 +51,17 @@ def name_problem(name: str) -> str:
     if size > MAX_NAME_BYTES:
         return f"the folder name is {size} bytes long (at most {MAX_NAME_BYTES}); rename it shorter"
     return ""
+
+
+def without_case_folder(text: str, case_path: object) -> str:
+    """``text`` (an exception's message, say) with the case folder ``case_path`` and any path
+    inside it replaced by :data:`CASE_FOLDER`, and the folder's name wherever else it
+    appears: messages, events and dead letters name cases by their host id only."""
+    if not case_path or not isinstance(case_path, str):
+        return text
+    folder = case_path.rstrip("/")
+    text = re.sub(re.escape(folder) + r"(/[^\s'\"]*)?", CASE_FOLDER, text)
+    name = folder.rsplit("/", 1)[-1]
+    if len(name) >= 3:
+        text = text.replace(name, CASE_FOLDER)
+    return text

@@ -19,6 +19,7 @@ import os
 import signal
 import sqlite3
 import time
+import traceback
 import uuid
 from typing import Any, Optional
 
@@ -31,6 +32,7 @@ from mqi_framework.conductor import Conductor
 from mqi_framework.heartbeat import Heartbeat
 from mqi_framework.kinds import EVENTS_QUEUE, KINDS, command_queue
 from mqi_framework.ledger import Ledger, ledger_path
+from mqi_framework.names import printable, without_case_folder
 from mqi_framework.store import open_state
 from mqi_framework.store import records as rec
 
@@ -208,12 +210,16 @@ class WorkerRuntime:
         body = delivery.body
         # a path that would leave its root stays such a path: retrying cannot help
         permanent = isinstance(exc, (p.PermanentError, PathEscapeError))
-        reason = f"{type(exc).__name__}: {exc}"
+        # exception texts often carry the case folder's path, and its name may be a patient id
+        reason = printable(without_case_folder(f"{type(exc).__name__}: {exc}", body.get("case_path")))
         if (self.conductor is None and not isinstance(exc, BrokerUnavailable) and body.get("type") == "run_step"
                 and "step_id" in body and "attempt" in body):
             unreachable = isinstance(exc, ConnectionError) and not permanent
-            say = log.warning if unreachable else log.exception
-            say("%s: %s failed: %s", self.name, command_fields(body), reason)
+            if unreachable:
+                log.warning("%s: %s failed: %s", self.name, command_fields(body), reason)
+            else:
+                log.error("%s: %s failed: %s\n%s", self.name, command_fields(body), reason,
+                          "".join(traceback.format_tb(exc.__traceback__)).rstrip())
             try:
                 self.role.finished(body, "failed", reason, permanent=permanent, unreachable=unreachable)
             except Exception as report_exc:  # could not report: the broker redelivers, the next try reports
@@ -222,7 +228,10 @@ class WorkerRuntime:
                 self.broker.ack(delivery)
                 return
         else:
-            log.exception("%s: handling %s failed (delivery %d)", self.name, body.get("type"), delivery.attempt)
+            # the frames, not the exception's text (that is `reason`, redacted)
+            frames = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("%s: handling %s failed (delivery %d): %s\n%s", self.name, body.get("type"), delivery.attempt,
+                      reason, frames.rstrip())
         try:
             self.broker.nack(delivery, reason=reason, retry=not permanent)
         except BrokerUnavailable as nack_exc:  # the lease runs out and the broker redelivers

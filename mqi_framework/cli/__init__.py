@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", help="dead-letter ids (replay/purge)")
     p.add_argument("--all", action="store_true", help="replay/purge every dead letter")
     p.add_argument("--queue", help="list: only this queue")
+    p.add_argument("--names", action="store_true", help="list: show case folder names and paths (may be patient ids)")
     add_config(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cases.cmd_dlq)

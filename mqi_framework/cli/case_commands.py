@@ -165,22 +165,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+#: the keys of a command body that hold case folder paths (their names may be patient ids)
+NAMED_BODY_KEYS = ("case_path", "inbox", "name", "path")
+
+
 def cmd_dlq(args: argparse.Namespace) -> int:
     with open_host(args) as host:
         if args.action == "list":
             letters = host.dead_letters(args.queue)
             resolved = host.dead_letter_resolutions(letters)
+            reasons = [d.reason for d in letters]
+            bodies = [d.body if isinstance(d.body, dict) else {} for d in letters]
+            if not args.names:  # exception texts and command bodies carry case folder paths
+                reasons = host.redact_names(reasons)
+                bodies = [{k: v for k, v in b.items() if k not in NAMED_BODY_KEYS} for b in bodies]
             if args.json:
-                print_json([{"id": d.id, "queue": d.queue, "message_id": d.message_id, "reason": d.reason,
-                              "attempts": d.attempts, "dead_at": d.dead_at, "body": d.body, "resolved": r}
-                             for d, r in zip(letters, resolved)])
+                print_json([{"id": d.id, "queue": d.queue, "message_id": d.message_id, "reason": reason,
+                              "attempts": d.attempts, "dead_at": d.dead_at, "body": body, "resolved": r}
+                             for d, reason, body, r in zip(letters, reasons, bodies, resolved)])
             elif not letters:
                 print("dead-letter queue is empty")
             else:
-                for d, r in zip(letters, resolved):
-                    what = d.body.get("type", "?")
-                    where = f" {d.body.get('case', '')} {d.body.get('step', '')}".rstrip()
-                    print(f"{d.id}  {d.queue}  {what}{where}  attempts {d.attempts}  {when(d.dead_at)}\n    {d.reason}"
+                for d, reason, body, r in zip(letters, reasons, bodies, resolved):
+                    what = body.get("type", "?")
+                    where = f" {body.get('case', '')} {body.get('step', '')}".rstrip()
+                    print(f"{d.id}  {d.queue}  {what}{where}  attempts {d.attempts}  {when(d.dead_at)}\n    {reason}"
                           + (f"\n    {r} (safe to purge)" if r else ""))
             return EXIT_OK
         if not args.all and not args.ids:

@@ -38,6 +38,7 @@ def redact(text: Optional[str], name: Optional[str]) -> str:
 
 
 _TOKEN = re.compile(r"[^\s/\\'\"`:,;()\[\]{}<>=]+")
+_SEGMENT = re.compile(r"(?<=/)[^/'\"\n]+?(?=/|'|\"|: |$)")
 
 
 def dead_letter_resolutions(conn: sqlite3.Connection, bodies: list[Any]) -> list[Optional[str]]:
@@ -70,7 +71,10 @@ def dead_letter_resolutions(conn: sqlite3.Connection, bodies: list[Any]) -> list
 def redact_known_names(conn: sqlite3.Connection, texts: list[str]) -> list[str]:
     """``texts`` with every word that is some case's folder name replaced (for free texts that
     may mention any case: dead-letter reasons, the audit log)."""
-    tokens = sorted({t for text in texts for t in _TOKEN.findall(text or "") if len(t) >= 3})
+    words = {t for text in texts for t in _TOKEN.findall(text or "") if len(t) >= 3}
+    # names with spaces or punctuation show up as a segment of a path (".../John Doe/plan.dcm")
+    words.update(t for text in texts for t in _SEGMENT.findall(text or "") if len(t) >= 3)
+    tokens = sorted(words)
     found: set[str] = set()
     for i in range(0, len(tokens), 500):
         chunk = tokens[i:i + 500]

@@ -139,6 +139,23 @@ def test_one_worker_alone_drains_on_sigterm(ws):
     assert unknown.returncode == 2 and "nobody" in unknown.stderr
 
 
+def test_dlq_list_shows_no_case_folder_name_unless_asked(ws, host_factory):
+    generate_case(ws.inbox, "John Doe 1957", seed=1)
+    host = host_factory()
+    assert wait_final(ws, 1)["John Doe 1957"]["state"] == "done"
+    host.stop()  # no worker may take the message below first
+    broker = open_broker(f"sqlite:///{ws.folder / 'queue.db'}")
+    path = str(ws.inbox / "John Doe 1957")
+    broker.publish("mqi.prepare", {"type": "run_step", "case": "case-000001", "step": "prepare", "case_path": path})
+    delivery = broker.get("mqi.prepare", timeout=5)
+    assert broker.nack(delivery, reason=f"OSError: [Errno 5] Input/output error: '{path}/RN1.dcm'", retry=False) is False
+    broker.close()
+    for args in (("dlq", "list"), ("dlq", "list", "--json")):
+        shown = ws.cli(*args, check=True).stdout
+        assert "John" not in shown and "[case folder]" in shown, shown
+    assert "John Doe 1957" in ws.cli("dlq", "list", "--json", "--names", check=True).stdout
+
+
 def test_dlq_list_replay_purge_through_the_cli(ws):
     assert ws.cli("check").returncode == 0
     broker = open_broker(f"sqlite:///{ws.folder / 'queue.db'}")
