@@ -401,12 +401,15 @@ class CaseRejected(Exception):
 @attrs.frozen
 class LogVerdict:
     """What a simulator log says: ``outcome`` is ``success``, ``failure`` or ``unknown``
-    (still running or nothing recognisable), ``message`` an optional line for people, and
-    ``progress`` the fraction done (0..1) when the log tells it, else None."""
+    (still running or nothing recognisable), ``message`` an optional line for people,
+    ``progress`` the fraction done (0..1) when the log tells it, else None, and
+    ``permanent`` whether a failure is one that running the same input again cannot fix
+    (the step then fails at once instead of being retried)."""
 
     outcome: Literal["success", "failure", "unknown"]
     message: str = ""
     progress: Optional[float] = None
+    permanent: bool = False
 
 
 class Interpreter(Plugin):

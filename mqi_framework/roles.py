@@ -440,26 +440,30 @@ class ExecuteRole(Role):
             if status.state == "lost":
                 self._final(body, "failed", f"job lost: {status.message}", handle)
                 continue
-            outcome, message = self.judge(body, handle, status)
-            self._final(body, outcome, message, handle, exit_code=status.exit_code)
+            outcome, message, permanent = self.judge(body, handle, status)
+            self._final(body, outcome, message, handle, exit_code=status.exit_code, permanent=permanent)
 
-    def judge(self, body: dict, handle: p.JobHandle, status: p.JobStatus) -> tuple[str, str]:
-        """Exit code AND log together decide: a non-zero exit is never success."""
+    def judge(self, body: dict, handle: p.JobHandle, status: p.JobStatus) -> tuple[str, str, bool]:
+        """Exit code AND log together decide: a non-zero exit is never success, nor is a log
+        that shows a failure. Returns (outcome, message, permanent): a failure the log calls
+        permanent (the same input fails the same way) is not retried."""
         if status.timed_out:
-            return "failed", f"timed out after {body.get('timeout')}s; process group killed"
+            return "failed", f"timed out after {body.get('timeout')}s; process group killed", False
         verdict = None
         if body.get("log_rules"):
             verdict = self._interpreter().parse_log(self.impl.read_log(handle, 262144))
+        permanent = verdict is not None and verdict.outcome == "failure" and verdict.permanent
         if status.exit_code != 0:
             detail = f": {verdict.message}" if verdict is not None and verdict.message else ""
             detail += f" ({status.message})" if status.message else ""
-            return "failed", f"exit code {status.exit_code}{detail}"
+            return "failed", f"exit code {status.exit_code}{detail}", permanent
         if verdict is not None and verdict.outcome != "success":
-            return "failed", f"exit code 0 but the log does not show success{': ' + verdict.message if verdict.message else ''}"
+            return ("failed", f"exit code 0 but the log does not show success"
+                              f"{': ' + verdict.message if verdict.message else ''}", permanent)
         missing = self.impl.missing_outputs(list(body.get("outputs") or []))
         if missing:
-            return "failed", "expected output missing: " + ", ".join(missing)
-        return "ok", "exit code 0" + (" and the log shows success" if verdict is not None else "")
+            return "failed", "expected output missing: " + ", ".join(missing), False
+        return "ok", "exit code 0" + (" and the log shows success" if verdict is not None else ""), False
 
     def _progress(self, body: dict, handle: p.JobHandle) -> None:
         now = time.monotonic()
@@ -476,11 +480,13 @@ class ExecuteRole(Role):
             self.report("step.progress", step_id=body["step_id"], attempt=body["attempt"], progress=reported[0],
                         text=reported[1])
 
-    def _final(self, body: dict, outcome: str, message: str, handle: p.JobHandle, exit_code: Optional[int] = None) -> None:
+    def _final(self, body: dict, outcome: str, message: str, handle: p.JobHandle, exit_code: Optional[int] = None,
+               permanent: bool = False) -> None:
         tail = ""
         try:
             tail = self.impl.read_log(handle, 2048)
         except Exception:  # the log is a courtesy; the verdict is already made
             log.debug("could not read log tail", exc_info=True)
-        self.finished(body, outcome, message, exit_code=exit_code, log_tail=tail)
+        extra = {"permanent": True} if permanent else {}
+        self.finished(body, outcome, message, exit_code=exit_code, log_tail=tail, **extra)
         self.last_progress.pop((body["step_id"], body["attempt"]), None)

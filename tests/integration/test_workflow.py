@@ -166,3 +166,19 @@ def test_cancel_kills_running_jobs_and_releases_gpus(ws, host_factory):
     assert ws.gpu_allocations() == []
     for pid_file in (ws.folder / "jobs").glob("*/pid"):
         assert (pid_file.parent / "exit_code").exists(), f"{pid_file.parent.name} still running"
+
+
+def test_a_deterministic_engine_failure_is_not_retried_and_names_its_cause(tmp_path, host_factory):
+    """Issue 14.5: upstream's "Valid machine is not available." (exit 134) fails the same way
+    on every attempt: the step fails at once with the engine's reason, not "exit code 134"."""
+    config = fast_config(overrides={"workers": {"prepare": {"settings": {"default_machine": "SMC:G1"}}}})
+    ws = Workspace(tmp_path / "ws", config)
+    generate_case(ws.inbox, "NOMODEL", seed=3)
+    host_factory(workspace=ws)
+    case = wait_final(ws, 1)["NOMODEL"]
+    assert case["state"] == "failed"
+    rows = ws.query("SELECT s.attempt, s.message FROM steps s JOIN cases c ON c.id = s.case_id "
+                    "WHERE c.uid = ? AND s.state = 'failed'", case["id"])
+    assert rows and all(r["attempt"] == 1 for r in rows)  # retry.max_attempts is 2: not used
+    assert any("no model of the plan's treatment machine" in r["message"] and "exit code 134" in r["message"]
+               for r in rows)

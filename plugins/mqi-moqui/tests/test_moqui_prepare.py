@@ -34,21 +34,32 @@ def test_prepare_writes_inputs_with_remote_paths(inbox, tmp_path, interpreter):
     staging = tmp_path / "staging"
     inputs = interpreter.prepare(case, plan, staging, REMOTE)
     assert inputs == {n: f"beams/{n}/moqui_tps_{n}.in" for n in (1, 2, 3)}
+    seeds: set[str] = set()
     assert (staging / "dicom" / "RTPLAN.dcm").is_file()
     for n, rel in inputs.items():
         values = read_input(staging / rel)
+        seed = values.pop("RandomSeed")
         assert values == {
             "GPUID": "0",
-            "RandomSeed": "1",
+            "UseAbsolutePath": "false",
             "ParentDir": REMOTE,
-            "DicomPath": f"{REMOTE}/dicom",
-            "logFilePath": f"{REMOTE}/beams/{n}/logs",
-            "BeamNumbers": str(n),
+            "DicomDir": "dicom",  # relative: upstream joins ParentDir + "/" + DicomDir
+            "logFilePath": f"beams/{n}/logs",  # relative: the fork joins it to ParentDir too
             "OutputDir": f"{REMOTE}/beams/{n}/output",
             "OutputFormat": "raw",
-            "SourceType": "FluenceMap",
+            "OverwriteResults": "true",
             "SimulationType": "perBeam",
+            "BeamNumbers": str(n),
+            "SourceType": "FluenceMap",
+            "Machine": "PBS",  # upstream's example machine; sites map theirs (settings.machines)
+            "Scorer": "Dose",
+            "ParticlesPerHistory": "1000",
+            "MaxHistoriesPerBatch": "10000",
+            "TotalThreads": "-1",
+            "RBE": "1.1",
+            "NumberOfFraction": "1",  # the dose of one fraction
         }
+        seeds.add(seed)
         logs = staging / "beams" / str(n) / "logs"
         source = case / delivery_folder_name(1, n)
         # the log files keep their bytes, not their names (de-identified: log_<n> in name order)
@@ -59,27 +70,38 @@ def test_prepare_writes_inputs_with_remote_paths(inbox, tmp_path, interpreter):
             assert dst.read_bytes() == src.read_bytes()
     assert not (staging / "beams" / "4").exists()  # the setup beam
     assert not list(staging.rglob("*.part"))
+    assert len(seeds) == 3  # a random stream of its own per beam
 
 
 def test_settings_reach_the_input_file(inbox, tmp_path):
-    interp = MoquiInterpreter(MoquiSettings(output_format="mhd", random_seed=42, gpu_id=3,
-                                            extra_keys={"Scorer": "Dose", "RandomSeed": "7"}), None)
+    interp = MoquiInterpreter(MoquiSettings(output_format="mhd", random_seed=42, gpu_id=3, scorer="LETd",
+                                            machines={"G1": "pbs:/beamdata/G1"}, particles_per_history=500,
+                                            extra_keys={"ROIName": "{case}-{beam}", "GPUID": "7"}), None)
     case = generate_case(inbox, "CASE", seed=1)
     staging = tmp_path / "staging"
     inputs = interp.prepare(case, interp.interpret(case), staging, "/remote/c1/")
     values = read_input(staging / inputs[2])
-    assert values["OutputFormat"] == "mhd" and values["GPUID"] == "3" and values["Scorer"] == "Dose"
-    assert values["RandomSeed"] == "7"  # extra_keys replace, never duplicate
-    assert values["ParentDir"] == "/remote/c1" and values["DicomPath"] == "/remote/c1/dicom"
+    assert values["OutputFormat"] == "mhd" and values["Scorer"] == "LETd" and values["Machine"] == "pbs:/beamdata/G1"
+    assert values["ParticlesPerHistory"] == "500" and values["ROIName"] == "c1-2"  # per-beam placeholders
+    assert values["GPUID"] == "7"  # extra_keys replace, never duplicate
+    assert values["ParentDir"] == "/remote/c1" and values["DicomDir"] == "dicom"
+    other = MoquiInterpreter(MoquiSettings(random_seed=43), None).input_text(2, "/remote/c1")
+    assert read_input_text(other)["RandomSeed"] != values["RandomSeed"]
+
+
+def read_input_text(text: str) -> dict[str, str]:
+    return dict(line.split(" ", 1) for line in text.splitlines())
 
 
 def test_settings_validation():
     with pytest.raises(ValueError):
-        MoquiSettings(output_format="nifti")
+        MoquiSettings(output_format="dcm")  # upstream writes no DICOM dose (only the fork does)
     with pytest.raises(ValueError):
         MoquiSettings(extra_keys={"two words": "x"})
     with pytest.raises(ValueError):
         MoquiSettings(extra_keys={"Key": "line\nInjected 1"})
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        MoquiSettings(extra_keys={"Key": "{patient}"})
     s = MoquiSettings()
     assert (s.output_format, s.random_seed, s.deidentify, s.extra_keys, s.gpu_id) == ("raw", 1, True, {}, 0)
 

@@ -1,9 +1,11 @@
-"""The stand-in simulator as a real subprocess: every mode, exit codes, outputs."""
+"""The engine emulator as a real subprocess: upstream keys and defaults, upstream failures
+with their texts and exit codes, float64 doses with upstream names, every mode."""
 
 from __future__ import annotations
 
 import array
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,22 +35,35 @@ def prepared(inbox, tmp_path, interpreter):
     return staging, {n: staging / rel for n, rel in inputs.items()}
 
 
-def test_ok_writes_dose_and_succeeds(prepared):
+def dose_of(staging: Path, beam: int) -> Path:
+    [dose] = (staging / "beams" / str(beam) / "output").glob("*_Dose.raw")
+    return dose
+
+
+def test_ok_writes_a_float64_dose_named_as_upstream(prepared):
     staging, inputs = prepared
     proc = run_standin(inputs[2])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "GPUID: 0" in proc.stdout and "Beam: 2" in proc.stdout
     assert "Generating particles for (5 of 5 batches)" in proc.stdout
-    assert "Time taken by MC engine:" in proc.stdout
-    dose = staging / "beams" / "2" / "output" / "dose_beam2.raw"
-    values = array.array("f")
+    assert re.search(r"Time taken by MC engine: \d+ milli-seconds", proc.stdout)
+    dose = dose_of(staging, 2)
+    assert re.fullmatch(r".+_0_Dose\.raw", dose.name)  # <BeamName>_<beamline geometries>_<Scorer>
+    values = array.array("d")
     values.frombytes(dose.read_bytes())
-    assert len(values) == 16 ** 3 and max(values) > 0
-    assert not (dose.with_suffix(".mhd")).exists()
+    assert len(values) == 24 ** 3 and max(values) > 0 and min(values) >= 0
+    assert not dose.with_suffix(".mhd").exists()
     assert judge_log(proc.stdout).outcome == "success"
 
 
-def test_mhd_output_has_a_header(inbox, tmp_path):
+def test_the_dose_depends_on_the_plan(prepared, inbox, tmp_path, interpreter):
+    staging, inputs = prepared
+    for n in (1, 2):
+        assert run_standin(inputs[n]).returncode == 0
+    assert dose_of(staging, 1).read_bytes() != dose_of(staging, 2).read_bytes()
+
+
+def test_mhd_output_has_a_metaimage_header(inbox, tmp_path):
+    from mqi_moqui.dose import read_dose
     from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings
 
     interp = MoquiInterpreter(MoquiSettings(output_format="mhd"), None)
@@ -56,8 +71,58 @@ def test_mhd_output_has_a_header(inbox, tmp_path):
     staging = tmp_path / "remote"
     inputs = interp.prepare(case, interp.interpret(case), staging, str(staging))
     assert run_standin(staging / inputs[1]).returncode == 0
-    header = (staging / "beams" / "1" / "output" / "dose_beam1.mhd").read_text()
-    assert "ElementDataFile = dose_beam1.raw" in header and "ElementType = MET_FLOAT" in header
+    [header] = (staging / "beams" / "1" / "output").glob("*_0_Dose.mhd")
+    text = header.read_text()
+    assert "ElementType = MET_DOUBLE" in text and f"ElementDataFile = {header.stem}.raw" in text
+    assert "\nOffset " in text and "\nTransformMatrix 1 0 0" in text  # upstream's lines without "="
+    dose = read_dose(header)
+    assert dose.grid.dims == (24, 24, 24) and len(dose.values) == 24 ** 3 and len(dose.grid.offset) == 3
+
+
+def rewrite(path: Path, **keys: str) -> None:
+    lines = [l for l in path.read_text().splitlines() if l.split(" ", 1)[0] not in keys]
+    path.write_text("\n".join(lines + [f"{k} {v}" for k, v in keys.items() if v is not None]) + "\n")
+
+
+def drop(path: Path, key: str) -> None:
+    path.write_text("".join(l + "\n" for l in path.read_text().splitlines() if not l.startswith(key + " ")))
+
+
+def test_upstream_failures_have_upstream_texts_and_exit_codes(prepared, tmp_path):
+    staging, inputs = prepared
+    (tmp_path / "empty").mkdir()
+    rewrite(inputs[1], DicomDir="../empty")  # no RTPLAN where DicomDir points
+    proc = run_standin(inputs[1])
+    assert proc.returncode == 134 and "what():  There is no RTPLAN in the path" in proc.stdout
+    assert judge_log(proc.stdout).permanent
+    drop(inputs[1], "DicomDir")
+    proc = run_standin(inputs[1])  # no DicomDir: upstream looks in ParentDir itself, where no plan is
+    assert proc.returncode == 134 and "There is no RTPLAN in the path" in proc.stdout
+    drop(inputs[2], "Machine")  # default InstitutionName:TreatmentMachineName: no such beam model
+    proc = run_standin(inputs[2])
+    assert proc.returncode == 134 and "Valid machine is not available." in proc.stdout
+    assert run_standin(inputs[3]).returncode == 0
+    drop(inputs[3], "OverwriteResults")  # a retry without OverwriteResults
+    proc = run_standin(inputs[3])
+    assert proc.returncode == 134 and "Output directory exists." in proc.stdout
+
+
+def test_no_scorer_writes_no_dose_and_still_says_success(prepared):
+    staging, inputs = prepared
+    drop(inputs[1], "Scorer")
+    proc = run_standin(inputs[1])
+    assert proc.returncode == 0 and judge_log(proc.stdout).outcome == "success"
+    assert not (staging / "beams" / "1" / "output").exists() or not list((staging / "beams" / "1" / "output").iterdir())
+
+
+def test_default_particles_per_history_gives_a_negative_dose(prepared):
+    from mqi_moqui.dose import DoseError, check_dose, read_dose
+
+    staging, inputs = prepared
+    drop(inputs[1], "ParticlesPerHistory")
+    assert run_standin(inputs[1]).returncode == 0
+    with pytest.raises(DoseError, match="negative"):
+        check_dose(read_dose(dose_of(staging, 1)))
 
 
 def test_console_script_is_installed(prepared):
@@ -71,6 +136,10 @@ def test_console_script_is_installed(prepared):
     ("fail", 1, "ERROR: simulated failure", "failure"),
     ("fatal", 1, "FATAL ERROR", "failure"),
     ("segv", 139, "Segmentation fault", "failure"),
+    ("abort", 134, "what():  simulated abort", "failure"),
+    ("oom", 255, "out of memory", "failure"),
+    ("gpuassert", 2, "GPUassert: out of memory", "failure"),
+    ("writefail", 0, "Cannot write :", "failure"),  # exit 0, as upstream: the log decides
     ("lying", 3, "Time taken by MC engine", "success"),
     ("nooutput", 0, "Time taken by MC engine", "success"),
 ])
@@ -85,9 +154,8 @@ def test_modes(prepared, mode, code, line, outcome, via):
     assert proc.returncode == code, proc.stdout
     assert line in proc.stdout
     assert judge_log(proc.stdout).outcome == outcome
-    dose = staging / "beams" / "3" / "output" / "dose_beam3.raw"
-    if mode in ("fail", "fatal", "segv", "nooutput"):
-        assert not dose.exists()
+    if mode not in ("lying",):
+        assert not list((staging / "beams" / "3").glob("output/*_Dose.raw"))
 
 
 def test_mode_file_only_affects_its_beam(prepared):
@@ -123,26 +191,22 @@ def test_missing_input_file(tmp_path):
     assert proc.returncode == 2 and "ERROR: input file not found" in proc.stdout
 
 
-@pytest.mark.parametrize("key", ["GPUID", "ParentDir", "DicomPath", "logFilePath", "BeamNumbers", "OutputDir",
-                                 "OutputFormat"])
-def test_missing_required_key(prepared, key):
-    _, inputs = prepared
-    text = inputs[1].read_text()
-    inputs[1].write_text("".join(l + "\n" for l in text.splitlines() if not l.startswith(key + " ")))
-    proc = run_standin(inputs[1])
-    assert proc.returncode == 2 and "ERROR:" in proc.stdout and key in proc.stdout
-
-
-@pytest.mark.parametrize("key", ["DicomPath", "logFilePath"])
-def test_missing_paths(prepared, key, tmp_path):
-    _, inputs = prepared
-    lines = [f"{key} {tmp_path / 'does not exist'}" if l.startswith(key + " ") else l
-             for l in inputs[1].read_text().splitlines()]
-    inputs[1].write_text("\n".join(lines) + "\n")
-    proc = run_standin(inputs[1])
-    assert proc.returncode == 2 and f"ERROR: {key} does not exist" in proc.stdout
-
-
 def test_help(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mqi_moqui.standin", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0 and "MQI_STANDIN_MODE" in proc.stdout
+    assert proc.returncode == 0 and "MQI_STANDIN_MODE" in proc.stdout and "gpuassert" in proc.stdout
+
+
+def test_mha_and_the_fraction_and_rbe_scaling(inbox, tmp_path):
+    from mqi_moqui.dose import read_dose
+    from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings
+
+    sums = {}
+    for fractions in (1, 3):
+        interp = MoquiInterpreter(MoquiSettings(output_format="mha", number_of_fractions=fractions), None)
+        case = generate_case(inbox / str(fractions), "MHA", seed=2)
+        staging = tmp_path / f"remote{fractions}"
+        inputs = interp.prepare(case, interp.interpret(case), staging, str(staging))
+        assert run_standin(staging / inputs[1]).returncode == 0
+        [mha] = (staging / "beams" / "1" / "output").glob("*_Dose.mha")
+        sums[fractions] = read_dose(mha).summary()["sum"]
+    assert sums[3] == pytest.approx(3 * sums[1])  # upstream scales by NumberOfFraction (and RBE)

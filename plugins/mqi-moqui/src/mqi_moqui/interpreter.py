@@ -22,6 +22,7 @@ plugin stays cheap.
 
 import errno
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -53,6 +54,10 @@ BEAM_NUMBER_KEY = "DICOM_BEAM_NUMBER"
 PATIENT_ID_KEY = "DICOM_PATIENT_ID"
 STUDY_UID_KEY = "DICOM_STUDY_INS_UID"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+#: placeholders an ``extra_keys`` value may use
+EXTRA_KEY_FIELDS = ("beam", "beam_name", "case", "case_dir", "beam_dir")
+#: the staged tree, relative to the case folder on the execution side (``ParentDir``)
+DICOM_DIR = "dicom"
 
 
 def _check_extra_keys(instance: Any, attribute: Any, value: dict) -> None:
@@ -61,17 +66,41 @@ def _check_extra_keys(instance: Any, attribute: Any, value: dict) -> None:
             raise ValueError(f"extra_keys: {key!r} is not a Moqui key (letters, digits, _ . -; no spaces)")
         if "\n" in str(val) or "\r" in str(val):
             raise ValueError(f"extra_keys.{key}: the value must be one line")
+        try:
+            str(val).format_map({name: "" for name in EXTRA_KEY_FIELDS})
+        except (KeyError, ValueError, IndexError) as exc:
+            raise ValueError(f"extra_keys.{key}: {val!r} uses an unknown placeholder or a stray brace ({exc}); "
+                             f"known: {', '.join('{' + f + '}' for f in EXTRA_KEY_FIELDS)}") from None
 
 
 @attrs.frozen
 class MoquiSettings:
     """``workers.<prepare>.settings`` of the ``moqui`` interpreter."""
 
-    #: dose file format Moqui writes: raw, mhd or dcm (``OutputFormat``)
-    output_format: Literal["raw", "mhd", "dcm"] = attrs.field(
-        default="raw", validator=attrs.validators.in_(("raw", "mhd", "dcm")))
-    #: ``RandomSeed`` of the Monte Carlo engine
+    #: dose file format Moqui writes: raw, mhd or mha (``OutputFormat``; float64 each)
+    output_format: Literal["raw", "mhd", "mha"] = attrs.field(
+        default="raw", validator=attrs.validators.in_(("raw", "mhd", "mha")))
+    #: mixed into each beam's ``RandomSeed``, which is derived from the case id and the beam
+    #: number (every beam and case gets its own stream; the same case prepared again, the same)
     random_seed: int = 1
+    #: ``Scorer``: what the engine scores (upstream's default is none: no dose file at all)
+    scorer: str = "Dose"
+    #: ``ParticlesPerHistory``: protons one history stands for (upstream's default -1 means
+    #: one history per spot and a negative dose scale); with ``MaxHistoriesPerBatch``, sets
+    #: the run's statistics
+    particles_per_history: float = attrs.field(default=1000.0, validator=attrs.validators.gt(0))
+    #: ``MaxHistoriesPerBatch``: histories per GPU batch
+    max_histories_per_batch: int = attrs.field(default=10000, validator=attrs.validators.gt(0))
+    #: ``Machine`` per TreatmentMachineName of the plan: upstream's ``pbs:<beam data file>``
+    #: (the part before ``:`` must be ``pbs``); a machine not listed gets ``default_machine``
+    machines: dict[str, str] = attrs.field(factory=dict)
+    #: ``Machine`` for treatment machines not in ``machines`` (upstream's example: ``PBS``)
+    default_machine: str = "PBS"
+    #: ``RBE``: upstream multiplies the dose by it (its default 1.1); 1.0 scores physical dose
+    rbe: float = attrs.field(default=1.1, validator=attrs.validators.gt(0))
+    #: ``NumberOfFraction``: upstream multiplies the dose by it (its default: the plan's
+    #: NumberOfFractionsPlanned, a whole-course dose); 1 gives the dose of one fraction
+    number_of_fractions: int = attrs.field(default=1, validator=attrs.validators.gt(0))
     #: de-identify what is staged for upload to the DICOM PS3.15 Basic Profile (plan: every
     #: element, nested and private ones included, UIDs keyed; PlanInfo.txt and PlanRange.txt
     #: by an allowlist; log file names without patient ids); docs/privacy.md
@@ -80,7 +109,9 @@ class MoquiSettings:
     #: in sub-folders and every other file stay in the clinic). With ``deidentify``, ``.ptn``
     #: and ``.mgn`` files are renamed; other files matched here keep their names
     delivery_files: list[str] = attrs.field(factory=lambda: ["*.ptn", "*.mgn", PLAN_INFO, PLAN_RANGE])
-    #: extra ``Key value`` lines for the input file; a key that exists already is replaced
+    #: extra ``Key value`` lines for the input file; a key that exists already is replaced.
+    #: Values may use ``{beam}``, ``{beam_name}``, ``{case}``, ``{case_dir}`` and ``{beam_dir}``
+    #: (paths on the execution side)
     extra_keys: dict[str, str] = attrs.field(factory=dict, validator=_check_extra_keys)
     #: ``GPUID`` written into the input file (the command usually selects the GPU with CUDA_VISIBLE_DEVICES)
     gpu_id: int = 0
@@ -104,6 +135,12 @@ class MoquiSettings:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def beam_seed(case: str, beam: int, salt: int) -> int:
+    """A ``RandomSeed`` of its own for each case and beam (a positive 31-bit integer)."""
+    digest = hashlib.sha256(f"{salt}:{case}:{beam}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF or 1
 
 
 def parse_plan_info(data: bytes | str) -> dict[str, str]:
@@ -340,7 +377,9 @@ class MoquiInterpreter(Interpreter):
                 raise CaseRejected(f"beam {beam.number}: a file name in its delivery folder is too long to be "
                                    "staged; shorten it (or let deidentify rename the logs), then retry") from None
             relative = f"beams/{beam.number}/moqui_tps_{beam.number}.in"
-            _write_atomic(staging_dir / relative, self.input_text(beam.number, remote_dir).encode("utf-8"))
+            details = next((b for b in plan.info.get("beam_details", []) if b.get("number") == beam.number), {})
+            text = self.input_text(beam.number, remote_dir, beam_name=beam.name, machine=details.get("machine", ""))
+            _write_atomic(staging_dir / relative, text.encode("utf-8"))
             inputs[beam.number] = relative
         if pseudo is not None:
             self._keep_mapping(staging_dir.name, pseudo)
@@ -376,24 +415,40 @@ class MoquiInterpreter(Interpreter):
         write_atomic(target, data, unchanged_ok=True)
         os.chmod(target, 0o600)
 
-    def input_text(self, beam_number: int, remote_dir: str) -> str:
-        """The ``moqui_tps_<n>.in`` content for one beam; paths refer to ``remote_dir`` (POSIX)."""
+    def input_text(self, beam_number: int, remote_dir: str, *, beam_name: str = "", machine: str = "") -> str:
+        """The ``moqui_tps_<n>.in`` content for one beam, in upstream Moqui's keys (moquimc,
+        ``mqi_tps_env.hpp``; docs/real-moqui.md). Paths refer to ``remote_dir`` (POSIX):
+        ``DicomDir`` and ``logFilePath`` are relative to ``ParentDir``, as both engines join
+        them; ``OutputDir`` is absolute."""
         s: MoquiSettings = self.settings
-        beam_remote = _remote_join(remote_dir, "beams", str(beam_number))
+        parent = remote_dir.rstrip("/") or "/"
+        case = posixpath.basename(parent)
+        beam_rel = posixpath.join("beams", str(beam_number))
         keys: dict[str, str] = {
             "GPUID": str(s.gpu_id),
-            "RandomSeed": str(s.random_seed),
-            "ParentDir": remote_dir.rstrip("/") or "/",
-            "DicomPath": _remote_join(remote_dir, "dicom"),
-            "logFilePath": posixpath.join(beam_remote, "logs"),
-            "BeamNumbers": str(beam_number),
-            "OutputDir": posixpath.join(beam_remote, "output"),
+            "RandomSeed": str(beam_seed(case, beam_number, s.random_seed)),
+            "UseAbsolutePath": "false",
+            "ParentDir": parent,
+            "DicomDir": DICOM_DIR,
+            "logFilePath": posixpath.join(beam_rel, "logs"),  # read by the log-driven fork
+            "OutputDir": posixpath.join(parent, beam_rel, "output"),
             "OutputFormat": s.output_format,
-            "SourceType": "FluenceMap",
+            "OverwriteResults": "true",  # a retry writes where the failed attempt did
             "SimulationType": "perBeam",
+            "BeamNumbers": str(beam_number),
+            "SourceType": "FluenceMap",
+            "Machine": s.machines.get(machine, s.default_machine),
+            "Scorer": s.scorer,
+            "ParticlesPerHistory": f"{s.particles_per_history:g}",
+            "MaxHistoriesPerBatch": str(s.max_histories_per_batch),
+            "TotalThreads": "-1",
+            "RBE": f"{s.rbe:g}",
+            "NumberOfFraction": str(s.number_of_fractions),
         }
+        fields = {"beam": beam_number, "beam_name": beam_name, "case": case, "case_dir": parent,
+                  "beam_dir": posixpath.join(parent, beam_rel)}
         for key, value in s.extra_keys.items():
-            keys[key] = str(value)
+            keys[key] = str(value).format_map(fields)
         return "".join(f"{key} {value}\n" for key, value in keys.items())
 
     def _copy_delivery(self, source: Path, target: Path, pseudo: Optional[Pseudonymizer], beam: int) -> None:

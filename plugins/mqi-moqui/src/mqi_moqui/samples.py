@@ -294,7 +294,7 @@ def outputs_missing(workspace: Path, case: dict) -> list[str]:
     missing = []
     for beam in case["beams"]:
         out = Path(workspace) / "results" / case["id"] / "beams" / str(beam["number"]) / "output"
-        if not list(out.glob("*.raw")):
+        if not list(out.glob("*_Dose.raw")):
             missing.append(f"{case['id']} beam {beam['number']}: no dose in {out}")
         if not (out / "summary.json").is_file():
             missing.append(f"{case['id']} beam {beam['number']}: no summary.json in {out}")
