@@ -65,6 +65,14 @@ MODES = {
     "nooutput": "success log and exit 0, but no dose file",
 }
 MODE_FILE = "STANDIN_MODE"
+#: modes that end the run half-way with this line and exit code (what a real run prints)
+CRASHES = {
+    "fail": ("ERROR: simulated failure", 1),
+    "fatal": ("FATAL ERROR: simulated fatal error in the MC engine", 1),
+    "segv": ("Segmentation fault", 139),
+    "oom": ("CUDA error: cudaMalloc(&d_tracks, bytes) failed: out of memory", 255),
+    "gpuassert": ("GPUassert: out of memory moqui/base/mqi_treatment_session.hpp 412", 2),
+}
 GRID = (24, 24, 24)  # x, y (lateral), z (depth)
 
 
@@ -172,8 +180,7 @@ def pencil_beam_dose(beam: Any, histories_scale: float) -> tuple[array.array, tu
         positions = point.get("ScanSpotPositionMap")
         if weights is None or positions is None:
             continue
-        weights = [float(w) for w in (weights if isinstance(weights, (list, tuple)) or hasattr(weights, "__iter__")
-                                      else [weights])]
+        weights = [float(w) for w in (weights if hasattr(weights, "__iter__") else [weights])]
         coords = [float(v) for v in positions]
         spots = [(coords[2 * i], coords[2 * i + 1], w) for i, w in enumerate(weights) if w > 0 and 2 * i + 1 < len(coords)]
         if spots:
@@ -284,27 +291,16 @@ def simulate(settings: dict[str, str], mode: str) -> int:
             say(f"Generating particles for ({min(i, batches - 1) + 1} of {batches} batches)")
             i += 1
             time.sleep(max(0.5, min(seconds, 5.0)))
-    stop_after = batches // 2 + 1 if mode in ("fail", "fatal", "segv", "abort", "oom", "gpuassert") else batches
+    stop_after = batches // 2 + 1 if mode in CRASHES or mode == "abort" else batches
     for i in range(1, stop_after + 1):
         say(f"Generating particles for ({i} of {batches} batches)")
         time.sleep(seconds / batches)
-    if mode == "fail":
-        say("ERROR: simulated failure")
-        return 1
-    if mode == "fatal":
-        say("FATAL ERROR: simulated fatal error in the MC engine")
-        return 1
-    if mode == "segv":
-        say("Segmentation fault")
-        return 139
     if mode == "abort":
         raise EngineAbort("simulated abort in the MC engine")
-    if mode == "oom":
-        say("CUDA error: cudaMalloc(&d_tracks, bytes) failed: out of memory")
-        return 255
-    if mode == "gpuassert":
-        say("GPUassert: out of memory moqui/base/mqi_treatment_session.hpp 412")
-        return 2
+    if mode in CRASHES:
+        line, code = CRASHES[mode]
+        say(line)
+        return code
     scorer = settings["Scorer"]
     beam_name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(beam.get("BeamName", "") or number))
     geometries = int(beam.get("NumberOfRangeShifters", 0) or 0) + int(beam.get("NumberOfBlocks", 0) or 0)
