@@ -110,16 +110,17 @@ def test_log_files_renamed_and_plan_range_rewritten(inbox, tmp_path, workspace_i
     logs = staging / "beams" / "1" / "logs"
     ds = pydicom.dcmread(staging / "dicom" / "RTPLAN.dcm")
     names = sorted(p.name for p in logs.iterdir())
-    assert names == sorted(["PlanInfo.txt", "PlanRange.txt", f"G1_{ds.PatientID}_001_001_001.mgn",
-                            f"G1_{ds.PatientID}_001_001_001.ptn"])
+    assert names == sorted(["PlanInfo.txt", "PlanRange.txt"] + [f"G1_{ds.PatientID}_001_001_{layer:03d}.{ext}"
+                                                                 for layer in (1, 2, 3) for ext in ("ptn", "mgn")])
     lines = (logs / "PlanRange.txt").read_text().splitlines()
     assert lines[0] == ("LAYER_NO,LAYER_ENERGY,PATIENT_ID,FLD_NO,DOSE1_RANGE,DOSE2_RANGE,PLAN_DOSE1_RANGE,"
                         "PLAN_DOSE2_RANGE,SCAN_OUT_FL_NM,PLAN_SCAN_OUT_FL_NM")
-    assert lines[1] == (f"1,150.0,{ds.PatientID},1,2,2,2,2,G1_{ds.PatientID}_001_001_001.ptn,"
+    energy = ds.IonBeamSequence[0].IonControlPointSequence[0].NominalBeamEnergy
+    assert lines[1] == (f"1,{energy:.1f},{ds.PatientID},1,2,2,2,2,G1_{ds.PatientID}_001_001_001.ptn,"
                         f"G1_{ds.PatientID}_001_001_001.mgn")
     info = dict(line.split(",", 1) for line in (logs / "PlanInfo.txt").read_text().splitlines())
     assert set(info) == {"DICOM_PATIENT_ID", "DICOM_STUDY_INS_UID", "DICOM_BEAM_NUMBER", "DICOM_BEAM_NAME",
-                         "DICOM_RTPLAN_LABEL", "TCSC_MACHINE"}
+                         "DICOM_RTPLAN_LABEL", "TCSC_MACHINE", "START_LAYER_NUMBER", "STOP_LAYER_NUMBER"}
     assert info["DICOM_STUDY_INS_UID"] == ds.StudyInstanceUID and info["DICOM_PATIENT_ID"] == ds.PatientID
 
 

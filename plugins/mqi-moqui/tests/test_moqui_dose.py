@@ -88,3 +88,57 @@ def test_postprocess_command_writes_a_summary_or_says_why_not(tmp_path):
     proc = subprocess.run(run, capture_output=True, text=True)
     assert proc.returncode == 0 and "2x2x2 grid" in proc.stdout
     assert '"dims": [\n    2,' in (out / "summary.json").read_text()
+
+
+def write_npz(path, rows, voxels, fmt=None):
+    """A sparse spots x voxels matrix as upstream's save_to_npz writes it (cnpy: uint32
+    indices, indptr and shape, float64 data, the format as three 1-byte strings)."""
+    import numpy as np
+
+    indptr = np.cumsum([0] + [len(r) for r in rows]).astype(np.uint32)
+    indices = np.array([i for r in rows for i, _ in r], dtype=np.uint32)
+    data = np.array([v for r in rows for _, v in r], dtype="<f8")
+    np.savez(path, indices=indices, indptr=indptr, shape=np.array([len(rows), voxels], dtype=np.uint32), data=data,
+             format=fmt if fmt is not None else np.frombuffer(b"csr", dtype="S1"))
+
+
+def test_an_upstream_npz_is_summed_over_its_spots(tmp_path):
+    import numpy as np
+
+    write_npz(tmp_path / "F1_0_Dose.npz", [[(0, 1.0), (3, 2.0)], [], [(3, 0.5), (7, 4.0)]], 8)
+    dose = read_dose(tmp_path / "F1_0_Dose.npz")
+    assert list(dose.values) == [1.0, 0, 0, 2.5, 0, 0, 0, 4.0] and dose.grid is None
+    check_dose(dose)
+    np.savez(tmp_path / "scipy_Dose.npz", indices=np.array([1], dtype=np.int32), indptr=np.array([0, 1]),
+             shape=np.array([1, 2]), data=np.array([3.0]), format=np.array(b"csr"))  # scipy.sparse.save_npz's way
+    assert list(read_dose(tmp_path / "scipy_Dose.npz").values) == [0.0, 3.0]
+    assert find_dose(tmp_path, "Dose")[0].suffix == ".npz"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: write_npz(p, [[(9, 1.0)]], 8), "outside the 8 voxels"),
+    (lambda p: write_npz(p, [[(0, 1.0)]], 8, fmt=__import__("numpy").frombuffer(b"csc", dtype="S1")), "not csr"),
+    (lambda p: p.write_bytes(b"PK\x03\x04 not really"), "not a readable npz"),
+    (lambda p: __import__("numpy").savez(p, data=[1.0]), "no indices array"),
+])
+def test_a_damaged_npz_is_an_error(tmp_path, damage, reason):
+    path = tmp_path / "F1_0_Dose.npz"
+    damage(path)
+    with pytest.raises(DoseError, match=reason):
+        read_dose(path)
+
+
+def test_the_summary_says_how_the_dose_was_computed(tmp_path):
+    out = tmp_path / "beam" / "output"
+    out.mkdir(parents=True)
+    write_mhd(out, "F1_0_Dose", [0.0] * 7 + [2.0], (2, 2, 2))
+    (tmp_path / "beam" / "run.json").write_text('{"random_seed": 7, "rbe": 1.1, "number_of_fractions": 1}')
+    run = [sys.executable, "-m", "mqi_moqui.postprocess", str(tmp_path / "beam")]
+    assert subprocess.run(run, capture_output=True, text=True).returncode == 0
+    import json
+
+    assert json.loads((out / "summary.json").read_text())["run"] == {"random_seed": 7, "rbe": 1.1,
+                                                                     "number_of_fractions": 1}
+    (tmp_path / "beam" / "run.json").write_text("{broken")
+    proc = subprocess.run(run, capture_output=True, text=True)
+    assert proc.returncode == 1 and "run.json is not readable" in proc.stdout

@@ -105,7 +105,7 @@ def test_duplicate_delivery_is_rejected(inbox, interpreter):
     message = str(info.value)
     order = sorted(p.name for p in case.iterdir() if (p / "PlanInfo.txt").is_file())
     first_at, second_at = order.index(first.name) + 1, order.index("2099010100000000") + 1
-    assert "beam 2" in message and f"(#{first_at} and #{second_at} in name order)" in message
+    assert f"delivery folder #{first_at} and delivery folder #{second_at} both hold layer(s) 1-3 of beam 2" in message
     # folder names often carry patient ids: messages name delivery folders by position only
     assert first.name not in message and "2099010100000000" not in message
     assert fake_patient_id(1) not in message

@@ -42,6 +42,11 @@ def make_case(root: Path, plan: Path, *, name: str = "case", beams=None, plan_fi
     return case
 
 
+def water(**settings) -> MoquiSettings:
+    """Settings for the public plans here, which come without their CT: the water phantom."""
+    return MoquiSettings(phantom="water", **settings)
+
+
 def rewrite(path: Path, change) -> None:
     ds = pydicom.dcmread(path)
     change(ds)
@@ -50,7 +55,7 @@ def rewrite(path: Path, change) -> None:
 
 @pytest.fixture
 def moqui():
-    return MoquiInterpreter(MoquiSettings())
+    return MoquiInterpreter(water())
 
 
 # ------------------------------------------------------------------ found by content
@@ -135,11 +140,11 @@ def test_carbon_and_line_scanning_are_refused_unless_the_profile_declares_them(t
     case = make_case(tmp_path, QA_PATTERN)
     rewrite(case / QA_PATTERN.name, lambda ds: setattr(ds.IonBeamSequence[1], "RadiationType", "ION"))
     with pytest.raises(CaseRejected, match="beam 2 is a ION beam; the engine profile simulates PROTON only"):
-        MoquiInterpreter(MoquiSettings()).interpret(case)
-    assert len(MoquiInterpreter(MoquiSettings(radiation_types=["PROTON", "ION"])).interpret(case).beams) == 4
+        MoquiInterpreter(water()).interpret(case)
+    assert len(MoquiInterpreter(water(radiation_types=["PROTON", "ION"])).interpret(case).beams) == 4
     rewrite(case / QA_PATTERN.name, lambda ds: setattr(ds.IonBeamSequence[3], "ScanMode", "LINE"))
     with pytest.raises(CaseRejected, match="beam 4 uses scan mode LINE"):
-        MoquiInterpreter(MoquiSettings(radiation_types=["PROTON", "ION"])).interpret(case)
+        MoquiInterpreter(water(radiation_types=["PROTON", "ION"])).interpret(case)
 
 
 # ------------------------------------------------------------------ fraction groups
@@ -166,7 +171,7 @@ def test_a_two_phase_plan_with_phase_one_delivered_runs_phase_one(tmp_path, moqu
     plan = moqui.interpret(case)
     assert [b.number for b in plan.beams] == [1, 2] and plan.missing == []  # not waiting for phase 2
     assert "beam(s) 3, 4 of the other fraction group(s) not simulated" in " ".join(plan.info["notes"])
-    everything = MoquiInterpreter(MoquiSettings(required_beams="treatment")).interpret(case)
+    everything = MoquiInterpreter(water(required_beams="treatment")).interpret(case)
     assert everything.missing == [3, 4]
 
 
@@ -208,14 +213,14 @@ def test_a_delivery_of_another_study_is_never_this_cases(tmp_path, moqui):
     case = make_case(tmp_path, QA_PATTERN, study="1.2.3.4.5")
     with pytest.raises(CaseRejected, match="belongs to another study"):
         moqui.interpret(case)
-    assert len(MoquiInterpreter(MoquiSettings(delivery_identity="patient")).interpret(case).beams) == 4
+    assert len(MoquiInterpreter(water(delivery_identity="patient")).interpret(case).beams) == 4
 
 
 def test_a_delivery_that_cannot_be_matched_is_held(tmp_path, moqui):
     case = make_case(tmp_path, QA_PATTERN, study="")
     with pytest.raises(CaseRejected, match="has no DICOM_STUDY_INS_UID, so it cannot be matched to the plan's study"):
         moqui.interpret(case)
-    assert len(MoquiInterpreter(MoquiSettings(delivery_identity="off")).interpret(case).beams) == 4
+    assert len(MoquiInterpreter(water(delivery_identity="off")).interpret(case).beams) == 4
 
 
 def test_the_sample_generator_writes_plans_the_check_accepts(tmp_path):

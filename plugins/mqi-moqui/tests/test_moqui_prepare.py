@@ -44,7 +44,6 @@ def test_prepare_writes_inputs_with_remote_paths(inbox, tmp_path, interpreter):
             "UseAbsolutePath": "false",
             "ParentDir": REMOTE,
             "DicomDir": "dicom",  # relative: upstream joins ParentDir + "/" + DicomDir
-            "logFilePath": f"beams/{n}/logs",  # relative: the fork joins it to ParentDir too
             "OutputDir": f"{REMOTE}/beams/{n}/output",
             "OutputFormat": "raw",
             "OverwriteResults": "true",
@@ -52,6 +51,7 @@ def test_prepare_writes_inputs_with_remote_paths(inbox, tmp_path, interpreter):
             "BeamNumbers": str(n),
             "SourceType": "FluenceMap",
             "Machine": "PBS",  # upstream's example machine; sites map theirs (settings.machines)
+            "Calibration": "default",  # upstream's default; sites map theirs (settings.calibrations)
             "Scorer": "Dose",
             "ParticlesPerHistory": "1000",
             "MaxHistoriesPerBatch": "10000",
@@ -63,11 +63,10 @@ def test_prepare_writes_inputs_with_remote_paths(inbox, tmp_path, interpreter):
         logs = staging / "beams" / str(n) / "logs"
         source = case / delivery_folder_name(1, n)
         # the log files keep their bytes, not their names (de-identified: log_<n> in name order)
-        assert sorted(p.name for p in logs.iterdir()) == ["PlanInfo.txt", "log_0001.mgn", "log_0002.ptn"]
-        for ext in ("mgn", "ptn"):
-            [src] = source.glob(f"*.{ext}")
-            [dst] = logs.glob(f"*.{ext}")
-            assert dst.read_bytes() == src.read_bytes()
+        logs_staged = [f"log_{i:04d}.{ext}" for i, ext in enumerate(["mgn", "ptn"] * 3, 1)]
+        assert sorted(p.name for p in logs.iterdir()) == ["PlanInfo.txt", "PlanRange.txt", *logs_staged]
+        sources = sorted(p for p in source.iterdir() if p.suffix in (".ptn", ".mgn"))
+        assert [p.read_bytes() for p in sources] == [(logs / name).read_bytes() for name in logs_staged]
     assert not (staging / "beams" / "4").exists()  # the setup beam
     assert not list(staging.rglob("*.part"))
     assert len(seeds) == 3  # a random stream of its own per beam
@@ -178,7 +177,9 @@ def test_only_delivery_files_are_staged_no_subfolders_no_symlinks(inbox, tmp_pat
     staging = tmp_path / "staging"
     interpreter.prepare(case, interpreter.interpret(case), staging, REMOTE)
     logs = staging / "beams" / "1" / "logs"
-    assert sorted(p.name for p in logs.iterdir()) == ["PlanInfo.txt", "log_0001.mgn", "log_0002.ptn"]
+    assert "linked.ptn" not in [p.name for p in logs.iterdir()] and not (logs / "sub").exists()
+    assert sorted(p.name for p in logs.iterdir()) == ["PlanInfo.txt", "PlanRange.txt"] + [
+        f"log_{i:04d}.{ext}" for i, ext in enumerate(["mgn", "ptn"] * 3, 1)]
 
 
 def test_a_file_name_too_long_to_stage_is_a_clear_rejection(inbox, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import array
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from mqi_moqui.logjudge import judge_log
-from mqi_moqui.samples import generate_case
+from mqi_moqui.samples import CT_PIXELS, CT_SLICES, generate_case
+
+CT_VOXELS = CT_PIXELS * CT_PIXELS * CT_SLICES
 
 
 def run_standin(input_file: Path, timeout: float = 30, **env: str) -> subprocess.CompletedProcess:
@@ -50,7 +53,7 @@ def test_ok_writes_a_float64_dose_named_as_upstream(prepared):
     assert re.fullmatch(r".+_0_Dose\.raw", dose.name)  # <BeamName>_<beamline geometries>_<Scorer>
     values = array.array("d")
     values.frombytes(dose.read_bytes())
-    assert len(values) == 24 ** 3 and max(values) > 0 and min(values) >= 0
+    assert len(values) == CT_VOXELS and max(values) > 0 and min(values) >= 0  # on the CT's grid
     assert not dose.with_suffix(".mhd").exists()
     assert judge_log(proc.stdout).outcome == "success"
 
@@ -76,7 +79,8 @@ def test_mhd_output_has_a_metaimage_header(inbox, tmp_path):
     assert "ElementType = MET_DOUBLE" in text and f"ElementDataFile = {header.stem}.raw" in text
     assert "\nOffset " in text and "\nTransformMatrix 1 0 0" in text  # upstream's lines without "="
     dose = read_dose(header)
-    assert dose.grid.dims == (24, 24, 24) and len(dose.values) == 24 ** 3 and len(dose.grid.offset) == 3
+    assert dose.grid.dims == (CT_PIXELS, CT_PIXELS, CT_SLICES) and len(dose.values) == CT_VOXELS
+    assert dose.grid.spacing == (8.0, 8.0, 8.0) and dose.grid.offset[0] == pytest.approx(-124.0)  # the CT's
 
 
 def rewrite(path: Path, **keys: str) -> None:
@@ -90,14 +94,16 @@ def drop(path: Path, key: str) -> None:
 
 def test_upstream_failures_have_upstream_texts_and_exit_codes(prepared, tmp_path):
     staging, inputs = prepared
-    (tmp_path / "empty").mkdir()
-    rewrite(inputs[1], DicomDir="../empty")  # no RTPLAN where DicomDir points
+    (tmp_path / "ct-only").mkdir()
+    for ct in (staging / "dicom").glob("CT.*.dcm"):
+        shutil.copy(ct, tmp_path / "ct-only" / ct.name)
+    rewrite(inputs[1], DicomDir="../ct-only")  # a CT but no RTPLAN where DicomDir points
     proc = run_standin(inputs[1])
     assert proc.returncode == 134 and "what():  There is no RTPLAN in the path" in proc.stdout
     assert judge_log(proc.stdout).permanent
     drop(inputs[1], "DicomDir")
-    proc = run_standin(inputs[1])  # no DicomDir: upstream looks in ParentDir itself, where no plan is
-    assert proc.returncode == 134 and "There is no RTPLAN in the path" in proc.stdout
+    proc = run_standin(inputs[1])  # no DicomDir: upstream looks in ParentDir itself, where no CT is
+    assert proc.returncode == 134 and "instance of 'std::bad_alloc'" in proc.stdout
     drop(inputs[2], "Machine")  # default InstitutionName:TreatmentMachineName: no such beam model
     proc = run_standin(inputs[2])
     assert proc.returncode == 134 and "Valid machine is not available." in proc.stdout
@@ -210,3 +216,22 @@ def test_mha_and_the_fraction_and_rbe_scaling(inbox, tmp_path):
         [mha] = (staging / "beams" / "1" / "output").glob("*_Dose.mha")
         sums[fractions] = read_dose(mha).summary()["sum"]
     assert sums[3] == pytest.approx(3 * sums[1])  # upstream scales by NumberOfFraction (and RBE)
+
+
+def test_npz_output_is_upstreams_sparse_matrix_and_sums_to_the_dense_dose(inbox, tmp_path):
+    from mqi_moqui.dose import read_dose
+    from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings
+
+    doses = {}
+    for fmt in ("raw", "npz"):
+        interp = MoquiInterpreter(MoquiSettings(output_format=fmt), None)
+        case = generate_case(inbox / fmt, "NPZ", seed=2, treatment_beams=1)
+        staging = tmp_path / fmt
+        inputs = interp.prepare(case, interp.interpret(case), staging, str(staging))
+        assert run_standin(staging / inputs[1]).returncode == 0
+        [dose] = (staging / "beams" / "1" / "output").glob(f"*_0_Dose.{fmt}")
+        doses[fmt] = read_dose(dose).values
+    import numpy as np
+
+    assert len(doses["npz"]) == CT_VOXELS
+    assert np.allclose(np.asarray(doses["npz"]), np.asarray(doses["raw"]), rtol=1e-9, atol=1e-12 * max(doses["raw"]))

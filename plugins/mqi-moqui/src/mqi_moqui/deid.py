@@ -96,7 +96,8 @@ ACTIONS: dict[str, str] = {
     "DischargeDiagnosisDescription": "X", "InterpretationText": "X", "InterpretationAuthor": "X",
     "InterpretationRecorder": "X", "InterpretationTranscriber": "X", "InterpretationApproverSequence": "X",
     "IconImageSequence": "X", "SourceImageSequence": "X", "ReferencedImageSequence": "X",
-    "ReferencedFrameOfReferenceSequence": "X",
+    # ReferencedFrameOfReferenceSequence is walked, not removed: it holds only UIDs (mapped by
+    # rule 4) and is what ties an RTSTRUCT to its CT
 }
 
 #: VRs handled by rules 3 and 5 (module docstring).
@@ -110,7 +111,8 @@ METHOD = "mqi-moqui: PS3.15 E.1 Basic Profile, UIDs keyed"
 
 #: PlanInfo.txt keys that are kept; identifiers among them are replaced (others are dropped).
 PLAN_INFO_KEEP = ("DICOM_BEAM_NUMBER", "DICOM_BEAM_NAME", "TCSC_MACHINE", "TCSC_FIELD_NO", "TCSC_PLAN_NO",
-                  "TCSC_GANTRY_ANGLE", "TCSC_SNOUT", "TCSC_RANGE_SHIFTER", "TCSC_LAYER_COUNT")
+                  "TCSC_GANTRY_ANGLE", "TCSC_SNOUT", "TCSC_RANGE_SHIFTER", "TCSC_LAYER_COUNT",
+                  "START_LAYER_NUMBER", "STOP_LAYER_NUMBER")
 PLAN_INFO_PSEUDONYM = ("DICOM_PATIENT_ID", "TCSC_PATIENT_ID")
 PLAN_INFO_UID = ("DICOM_STUDY_INS_UID", "DICOM_RTPLAN_UID", "DICOM_SOP_INS_UID")
 PLAN_INFO_LABEL = ("DICOM_RTPLAN_LABEL",)

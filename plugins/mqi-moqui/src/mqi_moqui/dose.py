@@ -24,8 +24,10 @@ ELEMENT_TYPES = {"MET_DOUBLE": "d", "MET_FLOAT": "f", "MET_INT": "i", "MET_UINT"
 #: what a headerless .raw holds (upstream's save_to_bin<double>)
 RAW_TYPE = "MET_DOUBLE"
 #: dose formats by preference: those that carry their geometry first
-FORMATS = (".mhd", ".mha", ".raw")
+FORMATS = (".mhd", ".mha", ".raw", ".npz")
 MAX_HEADER_BYTES = 64 * 1024
+#: the arrays of upstream's sparse npz
+NPZ_ARRAYS = ("indices", "indptr", "shape", "data", "format")
 
 
 class DoseError(ValueError):
@@ -113,15 +115,51 @@ def _values(data: bytes, element_type: str, big_endian: bool, name: str) -> arra
     return values if code == "d" else array.array("d", values)
 
 
+def read_npz(path: Path) -> array.array:
+    """The dose of an ``.npz`` as upstream's ``save_to_npz`` writes it (``mqi_io.hpp``): a CSR
+    matrix of spots x voxels (``indices``, ``indptr``, ``shape``, ``data`` float64, ``format``
+    ``csr``), summed over the spots into one value per voxel."""
+    import zipfile
+
+    import numpy as np
+
+    name = path.name
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [key for key in NPZ_ARRAYS if key not in npz.files]
+            if missing:
+                raise DoseError(f"{name}: not a sparse dose as Moqui writes it (no {missing[0]} array)")
+            parts = {key: npz[key] for key in NPZ_ARRAYS}
+    except (ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DoseError(f"{name}: not a readable npz ({exc})") from None
+    # upstream (cnpy) writes the format as three 1-byte strings, scipy as one 3-byte string
+    text = "".join(v.decode("ascii", "replace") if isinstance(v, bytes) else str(v)
+                   for v in np.ravel(parts["format"]).tolist())
+    if text.strip("\0 ").lower() != "csr":
+        raise DoseError(f"{name}: format {text!r} is not csr")
+    shape = [int(v) for v in np.ravel(parts["shape"])]
+    indices, indptr, data = (np.ravel(parts[k]) for k in ("indices", "indptr", "data"))
+    if len(shape) != 2 or min(shape) < 0 or len(indptr) != shape[0] + 1 or len(indices) != len(data) or \
+            (len(indptr) and int(indptr[-1]) != len(data)):
+        raise DoseError(f"{name}: the sparse matrix is inconsistent (shape {shape}, {len(indptr)} row pointers, "
+                        f"{len(indices)} indices, {len(data)} values): the file is truncated or damaged")
+    if len(indices) and (int(indices.max()) >= shape[1] or int(indices.min()) < 0):
+        raise DoseError(f"{name}: a voxel index lies outside the {shape[1]} voxels of the grid")
+    dense = np.bincount(indices.astype(np.int64), weights=data.astype(np.float64), minlength=shape[1])
+    return array.array("d", dense.tobytes())
+
+
 def read_dose(path: Path) -> Dose:
-    """Read a raw, mhd or mha dose file as Moqui writes it; raise :class:`DoseError`."""
+    """Read a raw, mhd, mha or npz dose file as Moqui writes it; raise :class:`DoseError`."""
     name = path.name
     suffix = path.suffix.lower()
     try:
         if suffix == ".raw":
             return Dose(name, _values(path.read_bytes(), RAW_TYPE, False, name), None, RAW_TYPE)
+        if suffix == ".npz":
+            return Dose(name, read_npz(path), None, "sparse MET_DOUBLE")
         if suffix not in (".mhd", ".mha"):
-            raise DoseError(f"{name}: not a dose format Moqui writes here (raw, mhd, mha)")
+            raise DoseError(f"{name}: not a dose format Moqui writes here (raw, mhd, mha, npz)")
         with open(path, "rb") as fh:
             head = fh.read(MAX_HEADER_BYTES)
         marker = head.find(b"ElementDataFile")

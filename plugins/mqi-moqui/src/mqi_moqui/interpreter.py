@@ -9,8 +9,12 @@ Case folder (docs: DESIGN.md section 2)::
 Staging tree written by :meth:`MoquiInterpreter.prepare` (uploaded to ``remote_dir``)::
 
     dicom/RTPLAN.dcm                 the plan (de-identified unless ``deidentify: false``)
-    beams/<n>/logs/...               the ``delivery_files`` of beam n's delivery folder (de-identified)
+    dicom/CT.<k>.dcm, RTSTRUCT.dcm   the planning CT in slice order and its structure set (de-identified),
+                                     or a water phantom's slices (``phantom: water``)
+    beams/<n>/logs/...               the ``delivery_files`` of beam n's delivery folder(s) (de-identified;
+                                     a resumed delivery's folders merged into one, one PlanRange.txt)
     beams/<n>/moqui_tps_<n>.in       Moqui input, paths pointing into remote_dir
+    beams/<n>/run.json               seed, statistics, RBE, fractions, medium: recorded with the result
 
 Reading the plan is :mod:`mqi_moqui.rtplan`, de-identification :mod:`mqi_moqui.deid`, judging
 the engine's log :mod:`mqi_moqui.logjudge`; pydicom is imported lazily so that loading the
@@ -40,9 +44,13 @@ from mqi_framework.toolkit import write_atomic
 
 from mqi_moqui.deid import (Pseudonymizer, deidentify_dataset, deidentify_plan_info, deidentify_plan_range,
                             delivery_file_name, load_key)
+from mqi_moqui.deliveries import STOP_KEY, Delivery, check_layers, layers_of
+from mqi_moqui.images import ImageSet, Phantom, find_images, phantom_series
 from mqi_moqui.logjudge import judge_log
 from mqi_moqui.plancheck import check_plan, required_beams
-from mqi_moqui.rtplan import MAX_ELEMENT_BYTES, MAX_PLAN_BYTES, find_plan_file, read_plan, save_dataset
+from mqi_moqui.profiles import (FORK_LOGS, KEYS, PROFILES, fork_csv_energies, fork_csv_files, fork_field_folder,
+                                gantry_number)
+from mqi_moqui.rtplan import MAX_ELEMENT_BYTES, MAX_PLAN_BYTES, find_plan_file, quiet_pydicom, read_plan, save_dataset
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +64,8 @@ STUDY_UID_KEY = "DICOM_STUDY_INS_UID"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 #: placeholders an ``extra_keys`` value may use
 EXTRA_KEY_FIELDS = ("beam", "beam_name", "case", "case_dir", "beam_dir")
+#: per beam, how its result was computed (:meth:`MoquiInterpreter.run_record`)
+RUN_RECORD = "run.json"
 #: the staged tree, relative to the case folder on the execution side (``ParentDir``)
 DICOM_DIR = "dicom"
 
@@ -73,13 +83,30 @@ def _check_extra_keys(instance: Any, attribute: Any, value: dict) -> None:
                              f"known: {', '.join('{' + f + '}' for f in EXTRA_KEY_FIELDS)}") from None
 
 
+def _check_gantry_numbers(instance: Any, attribute: Any, value: dict) -> None:
+    for machine, number in value.items():
+        if number not in (1, 2):
+            raise ValueError(f"gantry_numbers.{machine}: {number!r} is not a GantryNum the fork knows (1 or 2)")
+
+
 @attrs.frozen
 class MoquiSettings:
     """``workers.<prepare>.settings`` of the ``moqui`` interpreter."""
 
-    #: dose file format Moqui writes: raw, mhd or mha (``OutputFormat``; float64 each)
-    output_format: Literal["raw", "mhd", "mha"] = attrs.field(
-        default="raw", validator=attrs.validators.in_(("raw", "mhd", "mha")))
+    #: which Moqui build runs the beams (docs/real-moqui.md): ``moquimc`` (upstream, the plan
+    #: recalculated) or ``moqui-logs`` (the log-driven fork jokh38/moqui_rev: spots from the
+    #: converted delivery logs, GantryNum instead of Machine, no RBE or fraction scaling).
+    #: The input holds only the keys that build reads
+    engine_profile: Literal["moquimc", "moqui-logs"] = attrs.field(
+        default="moquimc", validator=attrs.validators.in_(PROFILES))
+    #: ``GantryNum`` (1 or 2) per TreatmentMachineName, for ``moqui-logs``: the fork's beam
+    #: model; a machine not listed holds the case (the fork would silently take 2)
+    gantry_numbers: dict[str, int] = attrs.field(factory=dict, validator=_check_gantry_numbers)
+
+    #: dose file format Moqui writes: raw, mhd, mha or npz (``OutputFormat``; float64 each;
+    #: npz is upstream's sparse spots x voxels matrix, summed over spots when read)
+    output_format: Literal["raw", "mhd", "mha", "npz"] = attrs.field(
+        default="raw", validator=attrs.validators.in_(("raw", "mhd", "mha", "npz")))
     #: mixed into each beam's ``RandomSeed``, which is derived from the case id and the beam
     #: number (every beam and case gets its own stream; the same case prepared again, the same)
     random_seed: int = 1
@@ -96,6 +123,11 @@ class MoquiSettings:
     machines: dict[str, str] = attrs.field(factory=dict)
     #: ``Machine`` for treatment machines not in ``machines`` (upstream's example: ``PBS``)
     default_machine: str = "PBS"
+    #: ``Calibration`` (upstream's CT-to-material conversion) per TreatmentMachineName; a
+    #: machine not listed gets ``default_calibration``
+    calibrations: dict[str, str] = attrs.field(factory=dict)
+    #: ``Calibration`` for treatment machines not in ``calibrations`` (upstream's default)
+    default_calibration: str = "default"
     #: ``RBE``: upstream multiplies the dose by it (its default 1.1); 1.0 scores physical dose
     rbe: float = attrs.field(default=1.1, validator=attrs.validators.gt(0))
     #: ``NumberOfFraction``: upstream multiplies the dose by it (its default: the plan's
@@ -123,10 +155,21 @@ class MoquiSettings:
     #: equal the plan's PatientID and StudyInstanceUID), ``patient`` (the patient id only) or
     #: ``off`` (not checked: only for sites whose logs carry neither)
     delivery_identity: Literal["patient_and_study", "patient", "off"] = "patient_and_study"
+    #: how far (MeV) a delivered layer's energy (PlanRange.txt) may be from the plan's
+    layer_energy_tolerance_mev: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
     #: radiation types of treatment beams the engine simulates (upstream Moqui: protons)
     radiation_types: list[str] = attrs.field(factory=lambda: ["PROTON"])
     #: scan modes of treatment beams the engine simulates (upstream Moqui: spot scanning)
     scan_modes: list[str] = attrs.field(factory=lambda: ["MODULATED"])
+    #: what the dose is computed in: ``off`` (default) the case's planning CT series, which
+    #: must be in the case folder (upstream Moqui cannot run without one); ``water`` a water
+    #: phantom the host writes around the isocentre, for phantom QA (the case's CT, if any,
+    #: is not used). The case's info and results say which (docs/real-moqui.md)
+    phantom: Literal["off", "water"] = attrs.field(default="off", validator=attrs.validators.in_(("off", "water")))
+    #: side of the water phantom's cube (mm), centred on the first treatment beam's isocentre
+    phantom_size_mm: float = attrs.field(default=200.0, validator=attrs.validators.gt(0))
+    #: voxel size of the water phantom (mm): also the grid the dose is scored on
+    phantom_voxel_mm: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     #: an RT Ion Plan file bigger than this (bytes) is rejected before it is parsed; 0: no limit
     max_plan_bytes: int = attrs.field(default=MAX_PLAN_BYTES, validator=attrs.validators.ge(0))
     #: a plan holding a single element bigger than this (bytes) is rejected before that
@@ -196,6 +239,44 @@ def _copy_atomic(source: Path, target: Path) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def merge_plan_info(parts: list[bytes]) -> bytes:
+    """One PlanInfo.txt for a beam delivered in several sessions: the first session's, with the
+    last session's STOP_LAYER_NUMBER (a single session's file is returned as it is)."""
+    if len(parts) == 1:
+        return parts[0]
+    stop = parse_plan_info(parts[-1]).get(STOP_KEY)
+    text = parts[0].decode("utf-8", errors="surrogateescape")
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if stop is not None and line.lstrip("\ufeff").split(",", 1)[0].strip() == STOP_KEY:
+            ending = line[len(line.rstrip("\r\n")):]
+            lines[i] = f"{STOP_KEY},{stop}{ending}"
+    return "".join(lines).encode("utf-8", errors="surrogateescape")
+
+
+def merge_plan_range(parts: list[bytes]) -> bytes:
+    """One PlanRange.txt: the first file's header, then the rows of every file in order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].decode("utf-8", errors="surrogateescape").splitlines(keepends=True)
+    out = list(first)
+    ending = "\r\n" if first and first[0].endswith("\r\n") else "\n"
+    if out and not out[-1].endswith("\n"):
+        out[-1] += ending
+    for part in parts[1:]:
+        rows = part.decode("utf-8", errors="surrogateescape").lstrip("\ufeff").splitlines()[1:]
+        out += [row + ending for row in rows if row.strip()]
+    return "".join(out).encode("utf-8", errors="surrogateescape")
+
+
+def _dataset_bytes(ds: Any) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+
+    buffer = DicomBytesIO()
+    save_dataset(ds, buffer)
+    return buffer.getvalue()
 
 
 def _remote_join(remote_dir: str, *parts: str) -> str:
@@ -271,34 +352,23 @@ class MoquiInterpreter(Interpreter):
                 f"{len(setup)} setup/other beam(s) only; nothing to simulate"
             )
 
-        deliveries: dict[int, str] = {}
-        positions: dict[str, int] = {}
-        ignored: list[str] = []
-        for position, (folder, values) in enumerate(_delivery_folders(case_dir), 1):
-            positions[folder], label = position, delivery_label(position)
-            raw = values.get(BEAM_NUMBER_KEY)
-            number = _parse_int(raw) if raw is not None else None
-            if number is None:
-                ignored.append(f"{label}: {PLAN_INFO} has no valid {BEAM_NUMBER_KEY}")
-                continue
-            if number not in treatment:
-                kind = "a setup beam" if number in setup else "not a beam of the plan"
-                ignored.append(f"{label}: beam {number} is {kind}")
-                continue
-            self._check_identity(ds, label, number, values)
-            if number in deliveries:
-                raise CaseRejected(
-                    f"two delivery folders name beam {number} (#{positions[deliveries[number]]} and #{position} "
-                    "in name order); "
-                    "remove the one that is not the delivery to check, then retry the case"
-                )
-            deliveries[number] = folder
+        matched, ignored, layer_notes, unfinished = self._match_deliveries(case_dir, ds, summary)
+        deliveries = {beam: folders[0].folder for beam, folders in matched.items()}
         for note in ignored:
             log.info("moqui: ignored %s", note)
 
+        medium = self._medium(case_dir, ds, summary)
         needed, notes = required_beams(summary, settings.required_beams, deliveries)
+        if settings.engine_profile == "moqui-logs":
+            unmapped = sorted({treatment[n].machine for n in needed
+                               if gantry_number(settings.gantry_numbers, treatment[n].machine) is None})
+            if unmapped:
+                raise CaseRejected(
+                    f"treatment machine {', '.join(unmapped)} has no GantryNum (gantry_numbers in the prepare "
+                    "worker's settings); the fork would take gantry 2's beam model without saying so")
         beams = [BeamPlan(number=n, name=treatment[n].name, delivery_dir=deliveries.get(n)) for n in needed]
-        missing = [n for n in needed if n not in deliveries]
+        missing = [n for n in needed if n not in deliveries or n in unfinished]
+        notes += [note for n in needed for note in layer_notes.get(n, [])]
         machines = sorted({b.machine for b in treatment.values() if b.machine})
         info: dict[str, Any] = {
             "plan_label": str(ds.get("RTPlanLabel", "") or ""),
@@ -310,12 +380,71 @@ class MoquiInterpreter(Interpreter):
             "fraction_groups": [g.info() for g in summary.fraction_groups],
             "beam_details": [treatment[n].info() for n in sorted(treatment)],
             "delivery_identity": settings.delivery_identity,
+            "dose_medium": medium.info(),
         }
         if notes:
             info["notes"] = notes
         if ignored:
             info["ignored_deliveries"] = ignored
         return CasePlan(beams=beams, missing=missing, info=info)
+
+    def _match_deliveries(self, case_dir: Path, ds: Any, summary: Any
+                          ) -> tuple[dict[int, list[Delivery]], list[str], dict[int, list[str]], set[int]]:
+        """The delivery folders of each treatment beam, checked against the plan's patient,
+        study and layers (:mod:`mqi_moqui.deliveries`) and in layer order; the folders that
+        were ignored (why), notes for the case's info, and the beams still missing layers."""
+        treatment = summary.treatment
+        setup = {n for n, b in summary.beams.items() if not b.treatment}
+        found: dict[int, list[Delivery]] = {}
+        ignored: list[str] = []
+        for position, (folder, values) in enumerate(_delivery_folders(case_dir), 1):
+            label = delivery_label(position)
+            raw = values.get(BEAM_NUMBER_KEY)
+            number = _parse_int(raw) if raw is not None else None
+            if number is None:
+                ignored.append(f"{label}: {PLAN_INFO} has no valid {BEAM_NUMBER_KEY}")
+                continue
+            if number not in treatment:
+                kind = "a setup beam" if number in setup else "not a beam of the plan"
+                ignored.append(f"{label}: beam {number} is {kind}")
+                continue
+            self._check_identity(ds, label, number, values)
+            range_file = case_dir / folder / PLAN_RANGE
+            plan_range = (read_text_file(range_file, f"{label}: {PLAN_RANGE}")
+                          if range_file.is_file() and not range_file.is_symlink() else None)
+            found.setdefault(number, []).append(layers_of(folder, position, values, plan_range))
+        matched: dict[int, list[Delivery]] = {}
+        notes: dict[int, list[str]] = {}
+        unfinished: set[int] = set()
+        for number, folders in sorted(found.items()):
+            ordered, missing_layers, beam_notes = check_layers(
+                number, folders, treatment[number].energies, self.settings.layer_energy_tolerance_mev)
+            matched[number] = ordered
+            notes[number] = beam_notes
+            if missing_layers:
+                unfinished.add(number)
+        return matched, ignored, notes, unfinished
+
+    def _medium(self, case_dir: Path, ds: Any, summary: Any) -> "ImageSet | Phantom":
+        """The CT series the dose is computed on, or the water phantom (``phantom: water``);
+        a case without a CT in the default mode is rejected (module :mod:`mqi_moqui.images`)."""
+        isocentres = [b.isocenter for _, b in sorted(summary.treatment.items()) if b.isocenter]
+        settings: MoquiSettings = self.settings
+        if settings.phantom == "water":
+            phantom = Phantom(settings.phantom_size_mm, settings.phantom_voxel_mm)
+            centre = isocentres[0] if isocentres else (0.0, 0.0, 0.0)
+            for iso in isocentres:
+                if max(abs(a - b) for a, b in zip(iso, centre)) > settings.phantom_size_mm / 2:
+                    raise CaseRejected("the treatment beams' isocentres lie further apart than the water phantom "
+                                       "is wide; raise phantom_size_mm, then retry the case")
+            return phantom
+        images = find_images(case_dir, ds, isocentres)
+        if images is None:
+            raise CaseRejected(
+                "the case has no planning CT series: Moqui computes the dose on the CT (DicomDir must hold it). "
+                "Put the plan's CT slices (and RTSTRUCT) beside the plan, or set phantom: water to compute in "
+                "a water phantom, then retry the case")
+        return images
 
     def _check_identity(self, ds: Any, label: str, beam: int, values: dict[str, str]) -> None:
         """A delivery folder of another patient or study is never this case's delivery:
@@ -347,30 +476,30 @@ class MoquiInterpreter(Interpreter):
         settings: MoquiSettings = self.settings
         plan_file = find_plan_file(case_dir)
         pseudo = self._pseudonymizer() if settings.deidentify else None
+        ds = self._read_plan(plan_file)
+        summary = check_plan(ds, radiation_types=settings.radiation_types, scan_modes=settings.scan_modes)
+        medium = self._medium(case_dir, ds, summary)
+        matched = self._match_deliveries(case_dir, ds, summary)[0]
         if pseudo is not None:
-            from pydicom.filebase import DicomBytesIO
-
-            ds = self._read_plan(plan_file)
             deidentify_dataset(ds, pseudo)
-            buffer = DicomBytesIO()
-            save_dataset(ds, buffer)
-            _write_atomic(staging_dir / "dicom" / "RTPLAN.dcm", buffer.getvalue())
+            _write_atomic(staging_dir / DICOM_DIR / "RTPLAN.dcm", _dataset_bytes(ds))
         else:
-            self._read_plan(plan_file)
-            _write_atomic(staging_dir / "dicom" / "RTPLAN.dcm", plan_file.read_bytes())
+            _write_atomic(staging_dir / DICOM_DIR / "RTPLAN.dcm", plan_file.read_bytes())
+        self._stage_medium(medium, ds, staging_dir / DICOM_DIR, pseudo, plan)
 
         inputs: dict[int, str] = {}
         for beam in plan.beams:
             if beam.delivery_dir is None:
                 raise CaseRejected(f"beam {beam.number} has no delivery folder; the case is incomplete")
-            source = case_dir / beam.delivery_dir
-            if (Path(beam.delivery_dir).name != beam.delivery_dir or beam.delivery_dir in (".", "..")
-                    or source.is_symlink() or not source.is_dir()):
-                raise CaseRejected(f"the delivery folder of beam {beam.number} is gone "
+            folders = [d.folder for d in matched.get(beam.number, [])]
+            sources = [case_dir / folder for folder in folders]
+            if (not folders or folders[0] != beam.delivery_dir or Path(beam.delivery_dir).name != beam.delivery_dir
+                    or any(source.is_symlink() or not source.is_dir() for source in sources)):
+                raise CaseRejected(f"the delivery folder of beam {beam.number} is gone, changed "
                                    "or is not a folder inside the case; retry the case")
             beam_stage = staging_dir / "beams" / str(beam.number)
             try:
-                self._copy_delivery(source, beam_stage / "logs", pseudo, beam.number)
+                self._copy_delivery(sources, beam_stage / "logs", pseudo, beam.number)
             except OSError as exc:
                 if exc.errno != errno.ENAMETOOLONG:
                     raise
@@ -380,10 +509,103 @@ class MoquiInterpreter(Interpreter):
             details = next((b for b in plan.info.get("beam_details", []) if b.get("number") == beam.number), {})
             text = self.input_text(beam.number, remote_dir, beam_name=beam.name, machine=details.get("machine", ""))
             _write_atomic(staging_dir / relative, text.encode("utf-8"))
+            record = self.run_record(text, medium, len(matched.get(beam.number, [])))
+            _write_atomic(beam_stage / RUN_RECORD, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
             inputs[beam.number] = relative
+        if settings.engine_profile == "moqui-logs":
+            self._stage_fork_logs(plan, matched, summary, case_dir, staging_dir / FORK_LOGS)
         if pseudo is not None:
             self._keep_mapping(staging_dir.name, pseudo)
         return inputs
+
+    def _stage_fork_logs(self, plan: CasePlan, matched: dict[int, list[Delivery]], summary: Any,
+                         case_dir: Path, target: Path) -> None:
+        """The fork's converted-log tree: ``Field<nnn>`` for every beam number up to the
+        highest simulated one (the fork takes the folder at index number - 1), each simulated
+        beam's ``<layer>_<energy>MeV.csv`` files in its own, their energies checked against
+        the plan's layers; numbers without a simulated beam get an empty folder."""
+        simulated = {b.number for b in plan.beams}
+        for number in range(1, max(simulated) + 1):
+            folder = target / fork_field_folder(number)
+            folder.mkdir(parents=True, exist_ok=True)
+            if number not in simulated:
+                continue
+            deliveries = matched.get(number, [])
+            files = fork_csv_files([case_dir / d.folder for d in deliveries], number)
+            energies = fork_csv_energies(list(files))
+            check_layers(number, [Delivery(deliveries[0].folder, deliveries[0].position, frozenset(energies),
+                                           energies)], summary.treatment[number].energies,
+                         self.settings.layer_energy_tolerance_mev)
+            for name, source in files.items():
+                _copy_atomic(source, folder / name)
+
+    def run_record(self, input_text: str, medium: "ImageSet | Phantom", sessions: int) -> dict[str, Any]:
+        """What a result must say about how it was computed (``beams/<n>/run.json``, copied
+        into ``summary.json`` by post-processing): the engine profile, the seed, statistics,
+        scaling (RBE, fractions), the medium (patient CT or water phantom) and the number of
+        delivery sessions merged. PHI-free."""
+        keys = dict(line.split(" ", 1) for line in input_text.splitlines() if " " in line)
+        if "RBE" not in keys:  # the fork scales by neither
+            return {
+                "profile": self.settings.engine_profile, "random_seed": int(keys["RandomSeed"]),
+                "particles_per_history": float(keys["ParticlesPerHistory"]),
+                "max_histories_per_batch": int(keys["MaxHistoriesPerBatch"]), "scorer": keys.get("Scorer", ""),
+                "gantry_number": int(keys["GantryNum"]) if keys.get("GantryNum", "").isdigit() else None,
+                "rbe": None, "number_of_fractions": None,
+                "dose": "as the fork scores it (no RBE or fraction scaling)",
+                "medium": medium.info(), "delivery_sessions": sessions}
+        return {
+            "profile": self.settings.engine_profile,
+            "random_seed": int(keys["RandomSeed"]),
+            "particles_per_history": float(keys["ParticlesPerHistory"]),
+            "max_histories_per_batch": int(keys["MaxHistoriesPerBatch"]),
+            "scorer": keys.get("Scorer", ""),
+            "machine": keys.get("Machine", ""),
+            "calibration": keys.get("Calibration", ""),
+            "rbe": float(keys["RBE"]),
+            "number_of_fractions": int(keys["NumberOfFraction"]),
+            "dose": ("RBE-weighted" if float(keys["RBE"]) != 1.0 else "physical") + ", "
+                    + ("one fraction" if int(keys["NumberOfFraction"]) == 1 else f"{keys['NumberOfFraction']} fractions"),
+            "medium": medium.info(),
+            "delivery_sessions": sessions,
+        }
+
+    def _stage_medium(self, medium: "ImageSet | Phantom", ds: Any, target: Path, pseudo: Optional[Pseudonymizer],
+                      plan: CasePlan) -> None:
+        """Write the CT slices (``CT.<k>.dcm`` in slice order) and ``RTSTRUCT.dcm`` beside the
+        plan, de-identified with the plan's keys so that their references still match; or the
+        water phantom's slices, in the (staged) plan's frame of reference."""
+        import pydicom
+
+        if isinstance(medium, Phantom):
+            centre = next((b.get("isocenter") for b in plan.info.get("beam_details", []) if b.get("isocenter")),
+                          None) or (0.0, 0.0, 0.0)
+            images = phantom_series(ds, medium, centre)
+            self._drop_stale_slices(target, len(images))
+            for k, image in enumerate(images, 1):
+                _write_atomic(target / f"CT.{k:04d}.dcm", _dataset_bytes(image))
+            return
+        self._drop_stale_slices(target, len(medium.ct))
+        sources = [(f"CT.{k:04d}.dcm", path) for k, path in enumerate(medium.ct, 1)]
+        if medium.structure is not None:
+            sources.append(("RTSTRUCT.dcm", medium.structure))
+        for name, path in sources:
+            if pseudo is None:
+                _copy_atomic(path, target / name)
+                continue
+            with quiet_pydicom():
+                image = pydicom.dcmread(str(path), force=True)
+            deidentify_dataset(image, pseudo)
+            _write_atomic(target / name, _dataset_bytes(image))
+
+    @staticmethod
+    def _drop_stale_slices(target: Path, count: int) -> None:
+        """Remove slices an earlier preparation of this case staged beyond ``count`` (the
+        engine reads every CT file of DicomDir)."""
+        for stale in target.glob("CT.*.dcm"):
+            index = stale.name.split(".")[1]
+            if not index.isdigit() or int(index) > count:
+                stale.unlink()
 
     def _read_plan(self, path: Path) -> Any:
         return read_plan(path, max_bytes=self.settings.max_plan_bytes,
@@ -416,8 +638,8 @@ class MoquiInterpreter(Interpreter):
         os.chmod(target, 0o600)
 
     def input_text(self, beam_number: int, remote_dir: str, *, beam_name: str = "", machine: str = "") -> str:
-        """The ``moqui_tps_<n>.in`` content for one beam, in upstream Moqui's keys (moquimc,
-        ``mqi_tps_env.hpp``; docs/real-moqui.md). Paths refer to ``remote_dir`` (POSIX):
+        """The ``moqui_tps_<n>.in`` content for one beam, in the keys of the engine profile
+        (:mod:`mqi_moqui.profiles`; docs/real-moqui.md). Paths refer to ``remote_dir`` (POSIX):
         ``DicomDir`` and ``logFilePath`` are relative to ``ParentDir``, as both engines join
         them; ``OutputDir`` is absolute."""
         s: MoquiSettings = self.settings
@@ -430,7 +652,8 @@ class MoquiInterpreter(Interpreter):
             "UseAbsolutePath": "false",
             "ParentDir": parent,
             "DicomDir": DICOM_DIR,
-            "logFilePath": posixpath.join(beam_rel, "logs"),  # read by the log-driven fork
+            "logFilePath": FORK_LOGS,
+            "GantryNum": str(gantry_number(s.gantry_numbers, machine) or ""),
             "OutputDir": posixpath.join(parent, beam_rel, "output"),
             "OutputFormat": s.output_format,
             "OverwriteResults": "true",  # a retry writes where the failed attempt did
@@ -438,6 +661,7 @@ class MoquiInterpreter(Interpreter):
             "BeamNumbers": str(beam_number),
             "SourceType": "FluenceMap",
             "Machine": s.machines.get(machine, s.default_machine),
+            "Calibration": s.calibrations.get(machine, s.default_calibration),
             "Scorer": s.scorer,
             "ParticlesPerHistory": f"{s.particles_per_history:g}",
             "MaxHistoriesPerBatch": str(s.max_histories_per_batch),
@@ -445,34 +669,49 @@ class MoquiInterpreter(Interpreter):
             "RBE": f"{s.rbe:g}",
             "NumberOfFraction": str(s.number_of_fractions),
         }
+        keys = {key: keys[key] for key in KEYS[s.engine_profile]}
         fields = {"beam": beam_number, "beam_name": beam_name, "case": case, "case_dir": parent,
                   "beam_dir": posixpath.join(parent, beam_rel)}
         for key, value in s.extra_keys.items():
             keys[key] = str(value).format_map(fields)
         return "".join(f"{key} {value}\n" for key, value in keys.items())
 
-    def _copy_delivery(self, source: Path, target: Path, pseudo: Optional[Pseudonymizer], beam: int) -> None:
-        """Stage the files of ``delivery_files`` (top level only, no symlinks); with ``pseudo``
-        PlanInfo.txt and PlanRange.txt are rewritten by their allowlists and log files renamed."""
+    def _copy_delivery(self, sources: list[Path], target: Path, pseudo: Optional[Pseudonymizer], beam: int) -> None:
+        """Stage the files of ``delivery_files`` (top level only, no symlinks) of a beam's
+        delivery folders (in layer order: a resumed delivery is several) into one folder:
+        one PlanInfo.txt (the first folder's, its STOP_LAYER_NUMBER the last's) and one
+        PlanRange.txt (every folder's rows). With ``pseudo`` both are rewritten by their
+        allowlists and log files renamed."""
         target.mkdir(parents=True, exist_ok=True)
         patterns = self.settings.delivery_files
-        names = sorted(entry.name for entry in os.scandir(source)
-                       if entry.is_file(follow_symlinks=False)
-                       and any(fnmatch.fnmatchcase(entry.name, p) for p in patterns))
+        files: dict[str, Path] = {}
+        texts: dict[str, list[bytes]] = {PLAN_INFO: [], PLAN_RANGE: []}
+        for source in sources:
+            for entry in sorted(os.scandir(source), key=lambda e: e.name):
+                if not entry.is_file(follow_symlinks=False) or \
+                        not any(fnmatch.fnmatchcase(entry.name, p) for p in patterns):
+                    continue
+                if entry.name in texts:
+                    what = f"{entry.name} of the delivery of beam {beam}"
+                    texts[entry.name].append(read_text_file(Path(entry.path), what))
+                elif entry.name in files:
+                    raise CaseRejected(f"beam {beam}: two of its delivery folders hold a file of the same name; "
+                                       "a resumed delivery's logs are named by layer: export them again")
+                else:
+                    files[entry.name] = Path(entry.path)
         renamed: dict[str, str] = {}
         if pseudo is not None:  # machine logs are named after the patient; other files keep their names
-            logs = [n for n in names if n.lower().endswith(LOG_SUFFIXES)]
+            logs = [n for n in sorted(files) if n.lower().endswith(LOG_SUFFIXES)]
             renamed = {name: delivery_file_name(name, pseudo, i) for i, name in enumerate(logs, 1)}
-        for name in names:
-            src = source / name
-            if pseudo is not None and name == PLAN_INFO:
-                text = read_text_file(src, f"{PLAN_INFO} of the delivery of beam {beam}")
-                _write_atomic(target / name, deidentify_plan_info(text, pseudo))
-            elif pseudo is not None and name == PLAN_RANGE:
-                text = read_text_file(src, f"{PLAN_RANGE} of the delivery of beam {beam}")
-                _write_atomic(target / name, deidentify_plan_range(text, pseudo, renamed))
-            else:
-                _copy_atomic(src, target / renamed.get(name, name))
+        if texts[PLAN_INFO]:
+            info = merge_plan_info(texts[PLAN_INFO])
+            _write_atomic(target / PLAN_INFO, deidentify_plan_info(info, pseudo) if pseudo is not None else info)
+        if texts[PLAN_RANGE]:
+            ranges = merge_plan_range(texts[PLAN_RANGE])
+            _write_atomic(target / PLAN_RANGE,
+                          deidentify_plan_range(ranges, pseudo, renamed) if pseudo is not None else ranges)
+        for name, src in sorted(files.items()):
+            _copy_atomic(src, target / renamed.get(name, name))
 
     # -- parse_log ------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """Post-processing of one downloaded beam: check the dose file and summarise it.
 
 ``python -m mqi_moqui.postprocess BEAM_DIR [--scorer Dose]`` reads the dose Moqui wrote
-under ``BEAM_DIR/output`` (``<BeamName>_<index>_<Scorer>``: float64 ``.raw``, or a MetaImage
-``.mhd``/``.mha`` with its grid; :mod:`mqi_moqui.dose`) and writes
-``BEAM_DIR/output/summary.json`` (grid, voxels, max, mean, sum, voxels above zero). A
+under ``BEAM_DIR/output`` (``<BeamName>_<index>_<Scorer>``: float64 ``.raw``, a MetaImage
+``.mhd``/``.mha`` with its grid, or upstream's sparse ``.npz``; :mod:`mqi_moqui.dose`) and writes
+``BEAM_DIR/output/summary.json`` (grid, voxels, max, mean, sum, voxels above zero, and
+``run``: how the dose was computed, from the prepared ``BEAM_DIR/run.json``). A
 missing, truncated, non-finite, negative or all-zero dose is an error (exit 1): a beam is
 never "done" without a usable result.
 """
@@ -38,6 +39,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ERROR: {exc}", flush=True)
         return 1
     summary = dose.summary()
+    record = args.beam_dir / "run.json"
+    if record.is_file() and not record.is_symlink():
+        try:
+            summary["run"] = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            print(f"ERROR: {record.name} is not readable ({exc}); the result cannot say how it was computed",
+                  flush=True)
+            return 1
     write_atomic(output_dir / "summary.json", json.dumps(summary, indent=2))
     grid = "x".join(map(str, summary["dims"])) + " grid, " if "dims" in summary else ""
     print(f"dose {summary['file']}: {grid}{summary['voxels']} voxels, max {summary['max']:.4g}, "

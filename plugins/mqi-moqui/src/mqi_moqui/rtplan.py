@@ -25,7 +25,7 @@ def display_name(name: str) -> str:
     return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def looks_like_dicom(path: Path) -> bool:
     """A DICOM Part 10 file (``DICM`` after the 128-byte preamble) or a ``.dcm`` name."""
     if path.suffix.lower() == ".dcm":
         return True
@@ -61,7 +61,7 @@ def find_plan_file(case_dir: Path) -> Path:
     for entry in sorted(case_dir.iterdir(), key=lambda e: e.name):
         if entry.name.lower() in _NOT_DICOM or entry.is_symlink() or not entry.is_file():
             continue
-        if not _looks_like_dicom(entry):
+        if not looks_like_dicom(entry):
             continue
         try:
             sop = _sop_class(entry)
