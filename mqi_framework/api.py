@@ -59,6 +59,7 @@ class Host:
     """One host workspace: its config, state database and broker (see the module docstring)."""
 
     def __init__(self, loaded: LoadedConfig, *, actor: str = "api", plugin_host: Any = None) -> None:
+        self.stopped_because: Optional[str] = None
         self.loaded = loaded
         self.actor = actor
         self._plugin_host = plugin_host
@@ -308,7 +309,8 @@ class Host:
                        extra_env: Optional[dict] = None, on_start: Any = None) -> int:
         """Run the conductor and every enabled worker as supervised processes, as
         ``mqi-host run`` does, until SIGTERM/Ctrl-C or until ``until()`` returns true; return
-        the exit code. ``on_start(log_dir)`` is called once the processes are started.
+        the exit code (2 when a worker could not run for a configuration reason, which
+        ``stopped_because`` then says). ``on_start(log_dir)`` is called once the processes are started.
         Raises ``WorkspaceBusy`` when another host runs on this workspace."""
         from mqi_framework import host as process_host
 
@@ -319,7 +321,9 @@ class Host:
             raise WorkspaceBusy(str(exc)) from None
         if on_start is not None:
             on_start(host.log_dir)
-        return host.run_forever(until=until, poll_seconds=poll_seconds)
+        code = host.run_forever(until=until, poll_seconds=poll_seconds)
+        self.stopped_because = host.fatal
+        return code
 
     @property
     def log_dir(self) -> Path:

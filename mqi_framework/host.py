@@ -39,6 +39,9 @@ from mqi_framework.worker import CONDUCTOR
 log = logging.getLogger(__name__)
 
 STABLE_AFTER_SECONDS = 60.0  # a process that ran this long gets its backoff reset
+#: the exit code of ``mqi-host worker`` for a configuration, plugin or state-database problem
+#: (cli.EXIT_USAGE): restarting cannot help, so the host stops with the worker's reason
+CONFIGURATION_EXIT = 2
 CHILDREN_FILE = "host-children.json"
 LEFTOVER_GRACE_SECONDS = 10.0  # a leftover worker gets this long to drain after SIGTERM
 _PR_SET_PDEATHSIG = 1
@@ -71,6 +74,8 @@ class ProcessHost:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.extra_env = extra_env or {}
         self.stopping = False
+        #: why the host stopped on its own (a worker that cannot start), or None
+        self.fatal: Optional[str] = None
         self._lock = None
 
     def command(self, name: str) -> list[str]:
@@ -124,6 +129,9 @@ class ProcessHost:
                     self.spawn(child)
                 continue
             code = child.proc.poll()
+            if code == CONFIGURATION_EXIT and not self.stopping:
+                self._stop_for_configuration(child)
+                return
             if code is not None:
                 self._schedule_restart(child, f"exited with code {code}", code)
                 continue
@@ -156,6 +164,20 @@ class ProcessHost:
             rec.add_event(self.conn, "worker.restart", f"{child.name} {why}; restart #{child.restarts} in "
                           f"{child.backoff:.1f}s", actor="host")
         log.warning("%s %s; restarting in %.1fs (restart #%d)", child.name, why, child.backoff, child.restarts)
+
+    def _stop_for_configuration(self, child: Supervised) -> None:
+        """A worker refused to run for a configuration reason: say which and why (the last
+        ``error:`` line of its log), and stop the host instead of restarting it forever."""
+        reason = last_error(tail(self.log_dir / f"{child.name}.log", 40)) or f"it exited with code {CONFIGURATION_EXIT}"
+        self.fatal = f"{child.name} cannot run: {reason}"
+        child.proc = None
+        with transaction(self.conn):
+            self.conn.execute("UPDATE workers SET state = 'stopped', last_exit = ?, message = ? WHERE name = ?",
+                              (CONFIGURATION_EXIT, reason, child.name))
+            rec.add_event(self.conn, "host.stopped", f"{self.fatal}; the host stops (fix the configuration, then "
+                          "start it again)", actor="host")
+        log.error("%s; stopping the host (fix the configuration, then start it again)", self.fatal)
+        self.stopping = True
 
     def stop(self) -> None:
         """Drain: SIGTERM to workers first, the conductor last, SIGKILL after drain_seconds."""
@@ -239,7 +261,19 @@ class ProcessHost:
             self.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 0
+        return CONFIGURATION_EXIT if self.fatal else 0
+
+
+def last_error(text: str) -> str:
+    """The last ``error: ...`` a command printed, with its indented continuation lines, as
+    one line (``error: invalid configuration ... (1 problem): mqi.yaml:12: ...``)."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error:")]
+    if not starts:
+        return ""
+    parts = [lines[starts[-1]][len("error:"):].strip()]
+    parts += [line.strip() for line in lines[starts[-1] + 1:] if line[:1].isspace() and line.strip()]
+    return " ".join(parts)
 
 
 def tail(path: Path, lines: int = 20) -> str:

@@ -22,6 +22,10 @@ from mqi_framework.protocols import CaseCandidate, Scanner
 log = logging.getLogger(__name__)
 
 
+#: how often an inbox that stays unreadable is mentioned again in the log
+REPEAT_WARNING_SECONDS = 600
+
+
 @attrs.frozen
 class FsScannerSettings:
     """Settings of the ``core.fs`` scanner."""
@@ -56,6 +60,8 @@ class FsScanner(Scanner):
         super().__init__(settings or FsScannerSettings(), context)
         base = context.config_path.parent if context.config_path else Path(context.workspace)
         self.inboxes = [(base / inbox).resolve() for inbox in self.settings.inboxes]
+        #: inbox -> when it was last said to be unreadable (said again every REPEAT_WARNING_SECONDS)
+        self._unreadable: dict[Path, float] = {}
 
     def check(self) -> list[str]:
         if not self.inboxes:
@@ -74,8 +80,14 @@ class FsScanner(Scanner):
             try:
                 entries = list(os.scandir(inbox))
             except OSError as exc:
-                log.warning("inbox %s cannot be read: %s", inbox, exc.strerror or exc)
+                said = self._unreadable.get(inbox)
+                if said is None or now - said >= REPEAT_WARNING_SECONDS:
+                    log.warning("inbox %s cannot be read: %s (no case is taken from it until it can; said again "
+                                "every %d minutes)", inbox, exc.strerror or exc, REPEAT_WARNING_SECONDS // 60)
+                    self._unreadable[inbox] = now
                 continue
+            if self._unreadable.pop(inbox, None) is not None:
+                log.info("inbox %s can be read again", inbox)
             for entry in sorted(entries, key=lambda e: e.name):
                 candidate = self._candidate(inbox, entry, now)
                 if candidate is not None:

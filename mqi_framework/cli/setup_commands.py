@@ -143,12 +143,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _refuse_broken_setup(loaded) -> None:
     """Refuse to start, with the messages ``check`` gives, when a plugin the config uses is
     missing or broken or its settings are wrong: a worker that cannot start would only
-    restart forever. (Reachability is not required: a GPU server that is down at start-up is
-    waited for, not refused.)"""
+    restart forever, and when a scanner's own folders are missing. (Reachability is not
+    required: a GPU server that is down at start-up is waited for, not refused.)"""
     from mqi_framework import plugins
 
     built, problems = _built_workers(loaded, plugins.get_plugin_host())
-    for _, impl in built:
+    for name, impl in built:
+        # a scanner's checks are of this machine's folders (an inbox that does not exist):
+        # nothing would ever be taken, and the log would only warn every tick
+        if loaded.worker_kind(name) == "scanner":
+            problems += [f"workers.{name} ({loaded.config.workers[name].plugin}): {p}" for p in impl.check()]
         impl.close()
     if problems:
         raise UsageError("the host was not started:\n  " + "\n  ".join(problems)
@@ -166,10 +170,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     def started(log_dir: Path) -> None:
         print(f"mqi-host running: workspace {loaded.workspace}; logs in {log_dir}; Ctrl-C stops", file=sys.stderr)
 
+    host = Host(loaded, actor="host")
     try:
-        return Host(loaded, actor="host").run_supervised(on_start=started)
+        code = host.run_supervised(on_start=started)
     except WorkspaceBusy as exc:
         raise UsageError(str(exc)) from None
+    if host.stopped_because:
+        print(f"error: {host.stopped_because}; the host stopped: fix the configuration, then start it again",
+              file=sys.stderr)
+    return code
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -250,3 +250,30 @@ def test_status_says_whether_the_host_runs(tmp_path, host_factory):
     assert host.stop() == 0
     assert json.loads(workspace.cli("status", "--json", check=True).stdout)["host"] == {"running": False, "pid": None}
     assert "host:    NOT RUNNING" in workspace.cli("status", check=True).stdout
+
+
+def test_a_worker_that_cannot_run_for_a_configuration_reason_stops_the_host(ws, host_factory):
+    """Issue 19: a typo under a plugin's settings made that worker exit 2 and restart forever,
+    the reason only in its own log. Here the config is broken after the host started (the
+    restarted worker reads it again): the host stops, exit 2, and says which worker and why."""
+    host = host_factory()
+    assert wait_until(lambda: worker_row(ws, "scan").get("state") == "running", 30)
+    text = ws.config_path.read_text()
+    ws.config_path.write_text(text.replace("settle_seconds:", "settle_secnds:", 1))
+    os.kill(worker_row(ws, "scan")["pid"], signal.SIGKILL)
+    assert wait_until(lambda: not host.running, 60), ws.logs()
+    assert host.stop() == 2
+    output = (ws.folder / "host-stdout.log").read_text()
+    assert "error: scan cannot run:" in output and "settle_secnds" in output and "the host stopped" in output
+    assert output.count("restarting in") <= 1  # the SIGKILL's restart, then no loop
+    events = [r[0] for r in ws.query("SELECT message FROM events WHERE kind = 'host.stopped'")]
+    assert events and "scan cannot run" in events[0] and "settle_secnds" in events[0]
+
+
+def test_run_refuses_to_start_without_its_inbox(tmp_path):
+    """Issue 19: a missing inbox only warned in the log every 2 s while the host looked healthy."""
+    workspace = Workspace(tmp_path / "ws", fast_config())
+    workspace.inbox.rmdir()
+    proc = workspace.cli("run", timeout=30)
+    assert proc.returncode == 2
+    assert "the host was not started" in proc.stderr and f"inbox {workspace.inbox} does not exist" in proc.stderr

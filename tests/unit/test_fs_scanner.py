@@ -87,3 +87,26 @@ def test_many_folders(tmp_path):
     (inbox / "case00007" / "_CASE_READY").touch()
     cases = found(scanner(tmp_path, settle_seconds=3600))
     assert len(cases) == 2000 and [c for c in cases.values() if c.ready] == [cases["case00007"]]
+
+
+def test_a_missing_inbox_is_said_once_then_again_only_every_ten_minutes(tmp_path, caplog, mocker):
+    """Issue 19: a missing inbox warned every 2 s. The clock is the edge mocked here."""
+    import logging
+
+    from mqi_framework.builtin import fs_scanner
+
+    s = scanner(tmp_path)
+    clock = mocker.patch.object(fs_scanner.time, "time", return_value=1000.0)
+    with caplog.at_level(logging.INFO, logger="mqi_framework.builtin.fs_scanner"):
+        for tick in range(5):
+            clock.return_value = 1000.0 + 2 * tick
+            assert found(s) == {}
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert "cannot be read" in caplog.records[0].getMessage()
+        clock.return_value = 1000.0 + fs_scanner.REPEAT_WARNING_SECONDS + 1
+        found(s)
+        assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING"]
+        (tmp_path / "inbox").mkdir()
+        found(s)
+        assert caplog.records[-1].levelname == "INFO" and "can be read again" in caplog.records[-1].getMessage()
+    assert s.check() == []
