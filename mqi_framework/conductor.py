@@ -122,10 +122,16 @@ class Conductor:
             for case in self.conn.execute(
                 "SELECT * FROM cases WHERE state = 'incomplete' AND next_check_at <= ?", (now,)
             ).fetchall():
+                # re-check quietly: the case stays `incomplete` (no state changes, no events
+                # unless what it waits for changed) until the interpreter finds it complete
                 self.conn.execute("UPDATE steps SET state = 'pending', max_attempt = attempt + ? "
                                   "WHERE case_id = ? AND step_index = 0 AND beam_number = 0",
                                   (self.steps[0].retry.max_attempts, case["id"]))
-                self._set_case(case, "detected", "re-checking for missing beams")
+                self.conn.execute("UPDATE cases SET next_check_at = NULL WHERE id = ?", (case["id"],))
+                first = self.conn.execute("SELECT * FROM steps WHERE case_id = ? AND step_index = 0 AND beam_number = 0",
+                                          (case["id"],)).fetchone()
+                if first is not None:
+                    self._dispatch(case, 0, self.steps[0], first)
             for case in self.conn.execute(
                 f"SELECT * FROM cases WHERE state NOT IN ({','.join('?' * len(FINAL))}) AND state != 'incomplete'",
                 FINAL,
@@ -360,8 +366,9 @@ class Conductor:
                            body.get("at", now), row["id"]))
         self.conn.execute("UPDATE attempts SET started_at = COALESCE(started_at, ?) WHERE step_id = ? AND attempt = ?",
                           (body.get("at", now), row["id"], row["attempt"]))
-        rec.add_event(self.conn, "step.started", f"attempt {row['attempt']}", case_id=row["case_id"],
-                      beam=row["beam_number"] or None, step=row["name"], actor=body.get("worker", "worker"))
+        if self._case(row["case_id"])["state"] != "incomplete":  # a quiet re-check is not news
+            rec.add_event(self.conn, "step.started", f"attempt {row['attempt']}", case_id=row["case_id"],
+                          beam=row["beam_number"] or None, step=row["name"], actor=body.get("worker", "worker"))
 
     def _on_step_progress(self, body: dict) -> None:
         row = self._step_for(body, quiet=True)
@@ -388,10 +395,15 @@ class Conductor:
             "WHERE step_id = ? AND attempt = ?",
             (now, outcome, exit_code, message, str(body.get("log_tail", ""))[-4000:], row["id"], row["attempt"]),
         )
-        rec.add_event(self.conn, f"step.{outcome}", message or f"attempt {row['attempt']}", case_id=row["case_id"],
-                      beam=beam, step=row["name"], actor=body.get("worker", "worker"),
-                      data={"exit_code": exit_code, "gpu_released": had_gpu})
         case = self._case(row["case_id"])
+        recheck = case["state"] == "incomplete"  # a re-check of a case waiting for deliveries
+        if not (recheck and outcome == "incomplete" and message == case["message"]):  # nothing new: no event
+            rec.add_event(self.conn, f"step.{outcome}", message or f"attempt {row['attempt']}", case_id=row["case_id"],
+                          beam=beam, step=row["name"], actor=body.get("worker", "worker"),
+                          data={"exit_code": exit_code, "gpu_released": had_gpu})
+        if recheck and outcome != "incomplete":  # complete now (or broken): the case moves on from here
+            self._set_case(case, step.label, "")
+            case = self._case(row["case_id"])
 
         if row["state"] == "cancelling" or outcome == "cancelled":
             self._finish_step(row, "cancelled", message or "cancelled", exit_code)
@@ -401,8 +413,8 @@ class Conductor:
             self._finish_step(row, "done", message, exit_code, progress=1.0)
             if row["step_index"] == 0 and not step.per_beam and self._is_interpreter(step):
                 self._apply_plan(case, body.get("data") or {})
-            elif beam:
-                self._set_beam(row["case_id"], beam, "waiting", "")
+            elif beam:  # progress, not a stall: the words say so
+                self._set_beam(row["case_id"], beam, "waiting", f"{step.name} done; waiting for the case's other beams")
         elif outcome == "incomplete":
             self._finish_step(row, "pending", message, exit_code)
             data = body.get("data") or {}
@@ -466,7 +478,7 @@ class Conductor:
                     failed = [r for r in rows if r["state"] == "failed"]
                     what = ", ".join(f"beam {r['beam_number']}" if r["beam_number"] else "the case" for r in failed)
                     reason = f"step {step.name} failed for {what or 'the case'}"
-                    self._finalise_beams(case_id, "cancelled", f"not run: {reason}")
+                    self._stop_beams_after_failure(case_id, reason)
                     self.conn.execute("UPDATE cases SET attention = 1 WHERE id = ?", (case_id,))
                     self._set_case(self._case(case_id), "failed", reason, final=True)
                 else:
@@ -557,9 +569,10 @@ class Conductor:
         self._send(step.worker, body)
         if beam:
             self._set_beam(case["id"], beam, step.label, "")
-        rec.add_event(self.conn, "step.dispatched",
-                      f"attempt {attempt}" + (f" on GPU {gpu['host']}:{gpu['idx']}" if gpu is not None else ""),
-                      case_id=case["id"], beam=beam, step=step.name)
+        if case["state"] != "incomplete":  # a quiet re-check of a waiting case is not news
+            rec.add_event(self.conn, "step.dispatched",
+                          f"attempt {attempt}" + (f" on GPU {gpu['host']}:{gpu['idx']}" if gpu is not None else ""),
+                          case_id=case["id"], beam=beam, step=step.name)
 
     def _send(self, worker: str, body: dict) -> None:
         outbox.write(self.conn, command_queue(worker), body, self.clock())
@@ -601,6 +614,22 @@ class Conductor:
             "progress = COALESCE(?, progress) WHERE id = ?",
             (state, message, exit_code, self.clock() if state != "pending" else None, progress, row["id"]),
         )
+
+    def _stop_beams_after_failure(self, case_id: int, reason: str) -> None:
+        """A sibling failed: the other beams stop where they are, and their words say how far
+        they got (a beam that simulated is not 'not run', issue 19)."""
+        reached = {row["beam_number"]: row["name"] for row in self.conn.execute(
+            "SELECT beam_number, name, MAX(step_index) FROM steps WHERE case_id = ? AND beam_number > 0 "
+            "AND state = 'done' GROUP BY beam_number", (case_id,))}
+        open_beams = [row["number"] for row in self.conn.execute(
+            "SELECT number FROM beams WHERE case_id = ? AND state NOT IN ('done', 'failed', 'cancelled', 'missing')",
+            (case_id,))]
+        for number in open_beams:
+            done = reached.get(number)
+            message = f"stopped after {done} (done): {reason}" if done else f"not run: {reason}"
+            self.conn.execute("UPDATE beams SET state = 'cancelled', message = ?, updated_at = ? "
+                              "WHERE case_id = ? AND number = ?", (message, self.clock(), case_id, number))
+        self._finalise_beams(case_id, "cancelled", f"not run: {reason}")
 
     def _finalise_beams(self, case_id: int, state: str, message: str) -> None:
         self.conn.execute(

@@ -182,3 +182,28 @@ def test_a_deterministic_engine_failure_is_not_retried_and_names_its_cause(tmp_p
     assert rows and all(r["attempt"] == 1 for r in rows)  # retry.max_attempts is 2: not used
     assert any("no model of the plan's treatment machine" in r["message"] and "exit code 134" in r["message"]
                for r in rows)
+
+
+def test_beams_of_a_failed_case_say_how_far_they_got(tmp_path, host_factory):
+    """Issue 19: a beam that had simulated read "cancelled — not run: step simulate failed for
+    beam 2" beside "simulate: done, exit 0" when a sibling failed."""
+    config = fast_config(gpus=2)
+    config["workflow"]["steps"][2]["retry"]["max_attempts"] = 1
+    ws = Workspace(tmp_path / "ws", config)
+    case_dir = generate_case(ws.inbox, "ONEBAD", seed=4)
+    (samples.delivery_dir_of(case_dir, 2) / "STANDIN_MODE").write_text("fail")
+    host_factory(workspace=ws)
+    case = wait_final(ws, 1)["ONEBAD"]
+    assert case["state"] == "failed"
+    beams = {b["number"]: b for b in case["beams"]}
+    assert beams[2]["state"] == "failed"
+    simulated = ws.query("SELECT s.beam_number FROM steps s JOIN cases c ON c.id = s.case_id WHERE c.uid = ? "
+                         "AND s.name = 'simulate' AND s.state = 'done'", case["id"])
+    assert simulated, "a sibling beam should have finished its simulation"
+    for row in simulated:
+        message = beams[row["beam_number"]]["message"]
+        assert message.startswith("stopped after simulate (done): step simulate failed for beam 2"), message
+        assert "not run" not in message
+    for number, beam in beams.items():
+        if number != 2 and number not in {r["beam_number"] for r in simulated}:
+            assert beam["message"].startswith("not run: ") or beam["state"] == "done"

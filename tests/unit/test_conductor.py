@@ -276,3 +276,40 @@ def test_retention_asks_once_records_answers_and_ignores_late_ones(env):
     assert conductor.retry("C1") == "preparing"
     send(conductor, {"type": "case.cleaned", "case_id": clean["case_id"], "removed": ["staging"]})
     assert json.loads(case_row(conn)["cleaned"]) == {}
+
+
+def test_a_beam_that_finished_its_step_says_so_while_it_waits(env):
+    """Issue 19: `waiting` with no words read as stuck."""
+    conductor, conn, _, _ = env
+    case = detect_and_prepare(conductor, conn)
+    sims = commands(conn, "mqi.execute")
+    finish(conductor, sims[0])
+    beam = conn.execute("SELECT state, message FROM beams WHERE case_id = ? AND number = ?",
+                        (case["id"], sims[0]["beam"])).fetchone()
+    assert (beam["state"], beam["message"]) == ("waiting", "simulate done; waiting for the case's other beams")
+
+
+def test_re_checks_of_an_incomplete_case_are_quiet_until_something_changes(env):
+    """Issue 19: every re-check of a case waiting for a delivery went incomplete -> detected ->
+    preparing -> incomplete, with audit events each time, and drew a red "failed" attempt."""
+    conductor, conn, clock, _ = env
+    send(conductor, {"type": "case.seen", "name": "C1", "path": "/in/C1", "inbox": "/in"})
+    partial = dict(PLAN, missing=[2])
+    finish(conductor, commands(conn, "mqi.prepare")[0], outcome="incomplete", message="waiting for beam 2",
+           data=partial)
+    case = case_row(conn)
+    events = conn.execute("SELECT COUNT(*) FROM events WHERE case_id = ?", (case["id"],)).fetchone()[0]
+    for _ in range(3):
+        clock.now += conductor.cfg.cases.incomplete_recheck_seconds + 1
+        conductor.tick()
+        assert case_row(conn)["state"] == "incomplete"  # no flapping through detected/preparing
+        finish(conductor, commands(conn, "mqi.prepare")[-1], outcome="incomplete", message="waiting for beam 2",
+               data=partial)
+    assert conn.execute("SELECT COUNT(*) FROM events WHERE case_id = ?", (case["id"],)).fetchone()[0] == events
+    clock.now += conductor.cfg.cases.incomplete_recheck_seconds + 1
+    conductor.tick()
+    conductor.tick()  # no second dispatch while the re-check is out
+    assert len(commands(conn, "mqi.prepare")) == 5
+    finish(conductor, commands(conn, "mqi.prepare")[-1], data=PLAN)  # the delivery arrived
+    assert case_row(conn)["state"] == "uploading"
+    assert commands(conn, "mqi.transfer")

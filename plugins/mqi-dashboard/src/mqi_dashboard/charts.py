@@ -101,7 +101,7 @@ def gantt(detail: dict, *, now: Optional[float] = None, width: int = 960) -> Mar
         y = top + rows.index(row) * row_h + 4
         h = row_h - 8
         fill = colour[s["step"]]
-        failed = a["outcome"] not in (None, "ok")
+        failed = a["outcome"] not in (None, "ok", "incomplete")  # a re-check of a waiting case is no failure
         what = f"{s['step']}{' beam ' + str(s['beam']) if s['beam'] else ''} attempt {a['attempt']}"
         if a["started_at"] is None:
             tip = f"{what}: dispatched, waiting {duration(start - queued)} for a worker"

@@ -115,6 +115,7 @@ def _state_class(state: Optional[str]) -> str:
         return "st-failed"
     if state in ("cancelled", "cancelling", "stopped", "missing"):
         return "st-muted"
-    if state in ("incomplete", "retrying", "waiting", "queued", "restarting", "draining", "starting"):
+    # "waiting": a beam finished a step and waits for its siblings, which is progress
+    if state in ("incomplete", "retrying", "queued", "restarting", "draining", "starting"):
         return "st-wait"
     return "st-active"
