@@ -118,9 +118,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"results:  {folder / 'results'}")
     print(f"database: {api_host.database_path}")
     print(f"logs:     {api_host.log_dir}")
-    print(f"inspect:  mqi-host cases -c {config_path}")
-    if args.workdir:
-        print(f"continue: mqi-host run -c {config_path}   (drop case folders into {inbox})")
+    command = host_command()
+    print(f"inspect:  {command} cases -c {config_path}")
+    print(f"continue: {command} run -c {config_path}   (drop case folders into {inbox})")
+    if not args.workdir:
+        print(f"the workspace {folder} is kept for that; rm -r {folder} removes it (--workdir DIR chooses where)")
     if problems:
         print(f"demo FAILED after {elapsed:.1f}s:")
         for problem in problems:
@@ -129,6 +131,16 @@ def run(args: argparse.Namespace) -> int:
     beams = sum(len(c["beams"]) for c in final)
     print(f"demo passed: {len(final)} case(s), {beams} treatment beam(s) done in {elapsed:.1f}s")
     return 0
+
+
+def host_command() -> str:
+    """How the reader runs ``mqi-host`` after the demo: by its full path when the demo ran
+    inside tox, whose environment the reader's shell does not have."""
+    import os
+    import shutil
+
+    found = shutil.which("mqi-host")
+    return found if found and os.environ.get("TOX_ENV_NAME") else "mqi-host"
 
 
 def _dashboard_problem(port: int) -> str:
