@@ -159,3 +159,35 @@ def test_a_real_24_layer_plan_checks_its_delivered_energies(tmp_path):
                         for n, e in enumerate(energies[:5] + energies[6:], 1)])  # layer 6 skipped in the TPS
     with pytest.raises(CaseRejected, match=r"layer 6 was delivered at .* MeV, the plan's layer 6 is"):
         moqui.interpret(case)
+
+
+def test_a_real_plan_delivered_in_two_sessions_is_merged(tmp_path):
+    """The public 24-layer SOBP plan interrupted after layer 10 and resumed: two folders, one
+    staged delivery with every layer in order."""
+    ds = pydicom.dcmread(SOBP)
+    case = tmp_path / "sobp"
+    case.mkdir()
+    shutil.copy(SOBP, case / SOBP.name)
+    beam = ds.IonBeamSequence[0]
+    energies = [float(cp.NominalBeamEnergy) for cp in beam.IonControlPointSequence
+                if sum(float(w) for w in cp.ScanSpotMetersetWeights) > 0]
+    for folder_name, layers in (("2026010100000000", range(1, 11)), ("2026010101300000", range(11, 25))):
+        folder = case / folder_name
+        folder.mkdir()
+        (folder / "PlanInfo.txt").write_text(
+            f"DICOM_PATIENT_ID,{ds.PatientID}\r\nDICOM_STUDY_INS_UID,{ds.StudyInstanceUID}\r\n"
+            f"DICOM_BEAM_NUMBER,{beam.BeamNumber}\r\nSTART_LAYER_NUMBER,{layers[0]}\r\nSTOP_LAYER_NUMBER,{layers[-1]}\r\n")
+        write_rows(folder, [["r", str(n), f"{energies[n - 1]:.1f}", "P", "1", "2", "2", "2", "2", f"TR3_{n:03d}.ptn",
+                             f"TR3_{n:03d}.mgn"] for n in layers])
+        for n in layers:
+            (folder / f"TR3_{n:03d}.ptn").write_bytes(bytes([n]) * 16)
+    moqui = MoquiInterpreter(MoquiSettings(phantom="water", deidentify=False))
+    plan = moqui.interpret(case)
+    assert plan.missing == [] and plan.beams[0].delivery_dir == "2026010100000000"
+    staging = tmp_path / "staging"
+    moqui.prepare(case, plan, staging, str(staging))
+    logs = staging / "beams" / str(beam.BeamNumber) / "logs"
+    assert [int(r[1]) for r in plan_range_rows(logs)] == list(range(1, 25))
+    assert len(list(logs.glob("*.ptn"))) == 24
+    info = parse_plan_info((logs / "PlanInfo.txt").read_bytes())
+    assert (info["START_LAYER_NUMBER"], info["STOP_LAYER_NUMBER"]) == ("1", "24")
