@@ -140,13 +140,16 @@ def overview(conn: sqlite3.Connection, *, now: Optional[float] = None, attention
     for state, finished_at, detected_at in conn.execute(
         "SELECT state, finished_at, detected_at FROM cases WHERE finished_at >= ?", (min(day_ago, midnight),)
     ):
+        # one classification for both windows, so that the cards and the chart agree:
+        # done, failed (failed or rejected: no result), other (cancelled)
+        key = "done" if state == "done" else "failed" if state in ("failed", "rejected") else "other"
         if finished_at >= day_ago:
             slot = min(23, int((finished_at - day_ago) // 3600))
-            hourly[slot]["done" if state == "done" else "failed"] += 1
+            if key != "other":
+                hourly[slot][key] += 1
             if state == "done":
                 durations.append(finished_at - detected_at)
         if finished_at >= midnight:
-            key = state if state in ("done", "failed") else "other"
             finished_today[key] += 1
     durations.sort()
     detected_today = conn.execute("SELECT COUNT(*) FROM cases WHERE detected_at >= ?", (midnight,)).fetchone()[0]

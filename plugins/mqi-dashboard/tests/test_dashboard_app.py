@@ -448,3 +448,15 @@ def test_plugins_add_pages_through_mqi_register_dashboard_pages(make_app, mqi_pm
     assert b'href="/site/report"' in client.get("/").data
     assert b"Clash" not in client.get("/").data
     assert client.get("/cases").status_code == 200 and b"no case matches" not in client.get("/cases").data
+
+
+def test_case_list_has_per_case_progress_and_a_legend_of_the_chips(client):
+    """Issue 19: beam chips had no legend and the list no per-case progress."""
+    everything = client.get("/api/cases?per_page=10").get_json()["cases"]
+    html = client.get("/cases?per_page=10").get_data(as_text=True)
+    with_beams = [case for case in everything if case["beams"]]
+    assert with_beams
+    for case in with_beams:
+        done = sum(1 for b in case["beams"] if b["state"] == "done")
+        assert f"{done}/{len(case['beams'])} done" in html
+    assert 'class="legend' in html and "waiting for a GPU, a retry or a delivery" in html

@@ -99,3 +99,20 @@ def test_benchmark_script_runs(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "300 cases, 1,000 beams" in proc.stdout and "goal met" in proc.stdout
+
+
+def test_the_overview_counts_the_same_way_in_both_windows(tmp_path):
+    """Issue 19: "failed today 1" stood beside "0 done, 3 failed" (rejected and cancelled were
+    failures in one count and not in the other)."""
+    from mqi_framework.store import open_state
+
+    conn = open_state(tmp_path / "state.db")
+    now = queries.local_midnight(1_800_000_000.0) + 12 * 3600  # noon
+    for i, state in enumerate(["done", "failed", "rejected", "cancelled", "done"]):
+        conn.execute("INSERT INTO cases(uid, name, inbox, path, state, detected_at, updated_at, finished_at) "
+                     "VALUES (?, ?, '/in', ?, ?, ?, ?, ?)", (f"case-{i:06d}", f"c{i}", f"/in/c{i}", state, now - 600,
+                                                             now - 60, now - 60))
+    data = queries.overview(conn, now=now)
+    assert data["today"]["finished"] == {"done": 2, "failed": 2, "other": 1}
+    assert (data["throughput"]["done_24h"], data["throughput"]["failed_24h"]) == (2, 2)
+    conn.close()
