@@ -46,6 +46,28 @@ def test_docs_build_strict(tmp_path):
     assert (tmp_path / "site" / "quickstart" / "index.html").is_file()
 
 
+def test_the_built_site_loads_nothing_from_elsewhere(tmp_path):
+    """Clinic networks are often offline: no script, style or font from a CDN (issue 19)."""
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "-q", "-d", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    remote = re.compile(r"""<(?:script|link|img)[^>]+(?:src|href)=["'](?:https?:)?//""", re.I)
+    for page in (tmp_path / "site").rglob("*.html"):
+        found = remote.search(page.read_text(encoding="utf-8"))
+        assert found is None, f"{page.relative_to(tmp_path)} loads {found.group(0)}"
+
+
+def test_the_readme_tour_is_the_quickstart():
+    """Issue 19: the README and the quickstart were two different tours; the README's lines
+    are now the quickstart's, which the test below runs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## A tour", 1)[1].split("\n## ", 1)[0]
+    tour = [line.strip() for line in section.splitlines() if line.startswith("    ") and line.strip()]
+    quickstart = {line.strip() for lang, body in blocks((ROOT / "docs/quickstart.md").read_text(encoding="utf-8"))
+                  if lang == "sh" for line in body.splitlines()}
+    assert len(tour) >= 5 and [line for line in tour if line not in quickstart] == []
+
+
 def test_every_markdown_page_is_in_the_nav():
     import yaml
 
