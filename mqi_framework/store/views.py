@@ -159,6 +159,11 @@ def overview(conn: sqlite3.Connection, *, now: Optional[float] = None, attention
             "SELECT id, uid, name, state, attention, message, info, detected_at, updated_at, finished_at "
             "FROM cases WHERE attention = 1 ORDER BY updated_at DESC LIMIT ?", (attention_limit,))
     ]
+    waiting_for_delivery = [
+        _case_row(r, show_names) for r in conn.execute(
+            "SELECT id, uid, name, state, attention, message, info, detected_at, updated_at, finished_at "
+            "FROM cases WHERE state = 'incomplete' AND attention = 0 ORDER BY detected_at LIMIT ?", (attention_limit,))
+    ]
     steps_running = conn.execute(
         f"SELECT COUNT(*) FROM steps WHERE state IN ({','.join('?' * len(RUNNING_STEP_STATES))})",
         RUNNING_STEP_STATES).fetchone()[0]
@@ -182,6 +187,9 @@ def overview(conn: sqlite3.Connection, *, now: Optional[float] = None, attention
             "median_case_seconds_24h": durations[len(durations) // 2] if durations else None,
         },
         "attention": {"total": attention_total, "cases": attention},
+        # incomplete, not flagged yet: normal while a delivery is still being exported, but
+        # a person should see them at once, not after incomplete_flag_after_seconds
+        "waiting_for_delivery": waiting_for_delivery,
         "steps_running": steps_running,
         "beams_waiting_for_gpu": beams_waiting_gpu,
         "gpus": {"total": gpu[0], "healthy": gpu[1], "allocated": gpu[2]},

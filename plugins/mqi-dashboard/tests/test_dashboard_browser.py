@@ -81,3 +81,57 @@ def test_overview_and_case_page_of_a_real_run_in_chromium(tmp_path, chromium, ar
     workers = {r["name"]: r["state"] for r in ws.query("SELECT name, state FROM workers")}
     assert workers["dashboard"] == "stopped"
     assert not healthy(base)
+
+
+def test_incomplete_failed_and_running_cases_read_right_in_chromium(tmp_path, chromium, artifacts, free_port):
+    """Issue 19: screenshots of a case waiting for a delivery, a case with one failed beam and a
+    running case with per-beam progress, each page checked for the words a physicist reads."""
+    port = free_port()
+    config = fast_config(gpus=4, overrides={"workers": {"dashboard": {
+        "plugin": "dashboard", "kind": "service", "settings": {"port": port, "refresh_seconds": 1}}}})
+    config["workflow"]["steps"][2]["retry"]["max_attempts"] = 1
+    ws = Workspace(tmp_path / "ws", config)
+    samples.generate_case(ws.inbox, "WAITS", seed=21, missing_beams=[2])
+    failing = samples.generate_case(ws.inbox, "ONE-FAILS", seed=22)
+    (samples.delivery_dir_of(failing, 2) / "STANDIN_MODE").write_text("fail")
+    running = samples.generate_case(ws.inbox, "RUNS", seed=23, treatment_beams=1)
+    (samples.delivery_dir_of(running, 1) / "STANDIN_MODE").write_text("hang")
+    host = HostProcess(ws, {"MQI_STANDIN_SECONDS": "0.5"}).start()
+    base = f"http://127.0.0.1:{port}"
+
+    def by_name() -> dict:
+        return {c["name"]: c for c in json.loads(ws.cli("cases", "--json", "--names").stdout or "[]")}
+
+    def ready() -> bool:
+        cases = by_name()
+        progress = ws.query("SELECT s.progress FROM steps s JOIN cases c ON c.id = s.case_id WHERE c.name = 'RUNS' "
+                            "AND s.name = 'simulate'")
+        return (cases.get("WAITS", {}).get("state") == "incomplete" and cases.get("ONE-FAILS", {}).get("state")
+                == "failed" and bool(progress) and (progress[0]["progress"] or 0) > 0)
+
+    try:
+        assert wait_until(ready, 90, 0.5), ws.logs()
+        assert wait_until(lambda: healthy(base), 30, 0.3), ws.logs()
+        cases = by_name()
+        pages = {"incomplete": cases["WAITS"]["id"], "failed-beam": cases["ONE-FAILS"]["id"],
+                 "running": cases["RUNS"]["id"]}
+        overview = browse(chromium, tmp_path / "profile", base + "/", "--dump-dom", "--virtual-time-budget=3000")
+        assert "Waiting for deliveries" in overview and "waiting for delivery of beam(s) 2" in overview
+        listing = browse(chromium, tmp_path / "profile", base + "/cases", "--dump-dom")
+        assert "waiting for a GPU, a retry or a delivery" in listing and "0/3 done" in listing  # legend, progress
+        waits = browse(chromium, tmp_path / "profile", f"{base}/cases/{pages['incomplete']}", "--dump-dom")
+        assert "waiting for delivery of beam(s) 2" in waits and "pill st-failed" not in waits  # waiting is not failing
+        failed = browse(chromium, tmp_path / "profile", f"{base}/cases/{pages['failed-beam']}", "--dump-dom")
+        assert "step simulate failed for beam 2" in failed
+        assert "stopped after simulate (done)" in failed or "not run: step simulate failed" in failed
+        live = browse(chromium, tmp_path / "profile", f"{base}/cases/{pages['running']}", "--dump-dom")
+        assert "<progress" in live and "simulate: running" in live, live[live.find("<h1>"):][:3000]
+        browse(chromium, tmp_path / "profile", base + "/cases", f"--screenshot={artifacts / 'cases.png'}",
+               "--window-size=1400,1000")
+        for name, uid in pages.items():
+            browse(chromium, tmp_path / "profile", f"{base}/cases/{uid}",
+                   f"--screenshot={artifacts / f'case-{name}.png'}", "--window-size=1400,2000")
+            assert (artifacts / f"case-{name}.png").stat().st_size > 10_000
+    finally:
+        host.stop()
+        ws.kill_jobs()
