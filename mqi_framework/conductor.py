@@ -95,6 +95,7 @@ class Conductor:
                 "case.seen": self._on_case_seen,
                 "step.started": self._on_step_started,
                 "step.progress": self._on_step_progress,
+                "step.reattached": self._on_step_reattached,
                 "step.finished": self._on_step_finished,
                 "case.cleaned": self._on_case_cleaned,
                 "remote.swept": self._on_remote_swept,
@@ -369,6 +370,14 @@ class Conductor:
         if self._case(row["case_id"])["state"] != "incomplete":  # a quiet re-check is not news
             rec.add_event(self.conn, "step.started", f"attempt {row['attempt']}", case_id=row["case_id"],
                           beam=row["beam_number"] or None, step=row["name"], actor=body.get("worker", "worker"))
+
+    def _on_step_reattached(self, body: dict) -> None:
+        row = self._step_for(body)
+        if row is None:
+            return
+        rec.add_event(self.conn, "step.reattached", f"attempt {row['attempt']}: its job was found running after a "
+                      "restart and re-attached (not started again)", case_id=row["case_id"],
+                      beam=row["beam_number"] or None, step=row["name"], actor=body.get("worker", "worker"))
 
     def _on_step_progress(self, body: dict) -> None:
         row = self._step_for(body, quiet=True)

@@ -339,6 +339,8 @@ class ExecuteRole(Role):
         self.interpreter: Optional[p.Interpreter] = None
         self.last_progress: dict[tuple[int, int], float] = {}
         self.confirm_at: dict[tuple[int, int], tuple[float, float]] = {}  # (when, backoff)
+        #: attempts whose job this process started or has announced as re-attached
+        self.attached: set[tuple[int, int]] = set()
 
     def _interpreter(self) -> p.Interpreter:
         if self.interpreter is None:
@@ -395,6 +397,7 @@ class ExecuteRole(Role):
                          timeout=body.get("timeout"), env=dict(body.get("env") or {}), gpu=body.get("gpu"))
 
     def _started(self, body: dict, handle: p.JobHandle, *, again: bool = False) -> None:
+        self.attached.add((body["step_id"], body["attempt"]))
         self.report("step.started", step_id=body["step_id"], attempt=body["attempt"], at=time.time(),
                     job={"executor": handle.executor, "job_key": handle.job_key, "data": handle.data})
         log.info("%s: job %s %s", fields(body), handle.job_key, "still runs" if again else "started detached")
@@ -435,6 +438,7 @@ class ExecuteRole(Role):
                 continue
             status = self.impl.poll(handle)
             if status.state == "running":
+                self._announce_reattached(body, handle)
                 self._progress(body, handle)
                 continue
             if status.state == "lost":
@@ -442,6 +446,16 @@ class ExecuteRole(Role):
                 continue
             outcome, message, permanent = self.judge(body, handle, status)
             self._final(body, outcome, message, handle, exit_code=status.exit_code, permanent=permanent)
+
+    def _announce_reattached(self, body: dict, handle: p.JobHandle) -> None:
+        """A job started before this worker process (it restarted, or the host did) and is
+        still running: say so once, so that the case's audit log shows the re-attachment."""
+        key = (body["step_id"], body["attempt"])
+        if key in self.attached:
+            return
+        self.attached.add(key)
+        self.report("step.reattached", step_id=body["step_id"], attempt=body["attempt"], job_key=handle.job_key)
+        log.info("%s: job %s found running after a restart: re-attached", fields(body), handle.job_key)
 
     def judge(self, body: dict, handle: p.JobHandle, status: p.JobStatus) -> tuple[str, str, bool]:
         """Exit code AND log together decide: a non-zero exit is never success, nor is a log

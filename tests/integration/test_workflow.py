@@ -69,6 +69,9 @@ def test_worker_killed_mid_beam_reattaches(ws, host_factory):
     restarts = ws.query("SELECT restarts FROM workers WHERE name = 'execute'")[0][0]
     events = [r[0] for r in ws.query("SELECT message FROM events WHERE kind = 'worker.restart'")]
     assert restarts >= 1 and any("execute" in e for e in events)
+    # issue 19: the case's own audit log says its running jobs were re-attached
+    shown = ws.cli("case", case["id"], "--events")
+    assert shown.returncode == 0 and "step.reattached" in shown.stdout and "re-attached (not started again)" in shown.stdout
     assert host.stop() == 0
     assert ws.gpu_allocations() == []
 
