@@ -447,6 +447,16 @@ class ExecuteRole(Role):
             outcome, message, permanent = self.judge(body, handle, status)
             self._final(body, outcome, message, handle, exit_code=status.exit_code, permanent=permanent)
 
+    def _not_runnable(self, handle: p.JobHandle, code: int) -> str:
+        """Exit 127 (command not found) or 126 (not executable) with the shell's own line: the
+        same command fails the same way on every attempt, so it is not retried."""
+        lines = self.impl.read_log(handle, 16384).splitlines()
+        said = next((line.strip() for line in reversed(lines)
+                     if "not found" in line or "No such file" in line or "Permission denied" in line), "")
+        what = "the command's program was not found" if code == 127 else "the command's program cannot be run"
+        return f"exit code {code}: {what}" + (f" ({printable(said)[:300]})" if said else "") + \
+            "; install it or fix the step's command (mqi-host check probes it), then retry the case"
+
     def _announce_reattached(self, body: dict, handle: p.JobHandle) -> None:
         """A job started before this worker process (it restarted, or the host did) and is
         still running: say so once, so that the case's audit log shows the re-attachment."""
@@ -467,6 +477,8 @@ class ExecuteRole(Role):
         if body.get("log_rules"):
             verdict = self._interpreter().parse_log(self.impl.read_log(handle, 262144))
         permanent = verdict is not None and verdict.outcome == "failure" and verdict.permanent
+        if status.exit_code in (126, 127):  # the shell found no program to run, or could not run it
+            return "failed", self._not_runnable(handle, status.exit_code), True
         if status.exit_code != 0:
             detail = f": {verdict.message}" if verdict is not None and verdict.message else ""
             detail += f" ({status.message})" if status.message else ""

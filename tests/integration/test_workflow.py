@@ -210,3 +210,20 @@ def test_beams_of_a_failed_case_say_how_far_they_got(tmp_path, host_factory):
     for number, beam in beams.items():
         if number != 2 and number not in {r["beam_number"] for r in simulated}:
             assert beam["message"].startswith("not run: ") or beam["state"] == "done"
+
+
+def test_a_simulator_that_is_not_installed_fails_at_once_and_says_so(tmp_path, host_factory):
+    """Issue 19: a simulator command that does not exist failed every beam with a bare "exit
+    code 127", retried; "not found" was only in the log tail."""
+    config = fast_config()
+    config["workflow"]["steps"][2]["command"] = "CUDA_VISIBLE_DEVICES={gpu} no-such-tps-env {input_file}"
+    ws = Workspace(tmp_path / "ws", config)
+    generate_case(ws.inbox, "NOENGINE", seed=8)
+    host_factory(workspace=ws)
+    case = wait_final(ws, 1)["NOENGINE"]
+    assert case["state"] == "failed"
+    rows = ws.query("SELECT s.attempt, s.message FROM steps s JOIN cases c ON c.id = s.case_id "
+                    "WHERE c.uid = ? AND s.state = 'failed'", case["id"])
+    assert rows and all(r["attempt"] == 1 for r in rows)  # permanent: retry.max_attempts 2 not used
+    assert all("exit code 127: the command's program was not found" in r["message"]
+               and "no-such-tps-env" in r["message"] for r in rows), rows
