@@ -244,3 +244,13 @@ def test_ssh_mode_writes_and_reads_job_files_with_remote_commands(tmp_path, fake
     (tmp_path / "out dir" / "dose.raw").write_text("")
     assert ex.missing_outputs([str(tmp_path / "out dir" / "*.raw"), str(tmp_path / "out dir" / "*.mhd")]) == [
         str(tmp_path / "out dir" / "*.mhd")]
+
+
+def test_a_program_missing_where_jobs_are_submitted_is_found_by_check(tmp_path, fake_slurm):
+    """Issue 19: `check` probed the simulator on local and SSH executors, not for Slurm."""
+    ex = executor(tmp_path, fake_slurm)
+    assert ex.program_problem("sh") is None
+    problem = ex.program_problem("tps_env_not_installed_here")
+    assert problem is not None and problem.startswith("tps_env_not_installed_here: command not found")
+    assert ex.program_problem("$(touch /tmp/pwned-by-slurm-probe)") is not None  # data, not shell
+    assert not Path("/tmp/pwned-by-slurm-probe").exists()

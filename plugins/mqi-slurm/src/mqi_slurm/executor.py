@@ -112,6 +112,18 @@ class SlurmExecutor(Executor):
             return [f"jobs folder {self.jobs_dir} is not writable {self.site.where}: {exc}"]
         return []
 
+    def program_problem(self, program: str) -> Optional[str]:
+        """Probed where jobs are submitted (this machine or the login node): compute nodes
+        normally share that software; a program missing there is missing on them too."""
+        try:
+            found = self._run(["sh", "-c", f"command -v -- {shlex.quote(program)}"])
+        except (PluginMissing, OSError, TimeoutError):
+            return None  # check() reports the site itself
+        if found.returncode != 0:
+            return (f"{program}: command not found {self.site.where} (where jobs are submitted; not on the PATH of "
+                    "a shell there: give its full path in the command)")
+        return None
+
     # ------------------------------------------------------------------ start
 
     def script(self, spec: JobSpec, job_dir: str) -> str:
