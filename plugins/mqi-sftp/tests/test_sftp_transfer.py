@@ -360,3 +360,18 @@ def test_remove_deletes_the_tree_and_never_follows_a_link(make_transfer, tmp_pat
     with pytest.raises(PathEscapeError):
         transfer.remove(str(remote_root / ".." / "outside"))
     assert outside.is_dir()
+
+
+def test_a_remote_root_that_is_not_writable_is_a_permanent_error(make_transfer, tmp_path, remote_root, mocker):
+    """Issue 19: a remote root the login user cannot write retried as if the next attempt could
+    fare better. The tests log in as root, whom permissions do not stop, so the server's
+    refusal is the edge mocked here."""
+    from mqi_framework.protocols import PermanentError
+
+    src = tmp_path / "src"
+    make_tree(src)
+    transfer = make_transfer()
+    mocker.patch.object(paramiko.SFTPClient, "mkdir", side_effect=PermissionError(13, "Permission denied",
+                                                                                  str(remote_root / "c")))
+    with pytest.raises(PermanentError, match="permission denied .*must be writable by the user the host logs in as"):
+        transfer.upload(src, str(remote_root / "c"), lambda p: None)

@@ -34,7 +34,8 @@ from typing import Callable, Optional
 
 import paramiko
 
-from mqi_framework.protocols import PluginContext, ProgressCallback, RemoteFolder, Transfer, TransferResult
+from mqi_framework.protocols import (PermanentError, PluginContext, ProgressCallback, RemoteFolder, Transfer,
+                                     TransferResult)
 from mqi_framework.toolkit import (MANIFEST, PART_SUFFIX, PathEscapeError, TreeFile, VerificationError, fsync_dir,
                                    is_within, manifest_text, part_path, sha256_file, walk_tree, write_manifest)
 from mqi_ssh import remotepath
@@ -132,8 +133,12 @@ class SftpTransfer(Transfer):
         except (SshError, PathEscapeError, VerificationError, FileNotFoundError, ValueError):
             raise
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            # an OSError with an errno is about a file (a full disk, a permission): it keeps its
-            # own message; the rest (a closed socket, a dropped session) is the connection
+            if isinstance(exc, PermissionError):  # the same attempt fails the same way: say so at once
+                raise PermanentError(f"SFTP with {self.host.label()}: permission denied ({exc.filename or exc}): the "
+                                     "workflow's remote root must be writable by the user the host logs in as; fix "
+                                     "its permissions, then retry the case") from None
+            # an OSError with an errno is about a file (a full disk): it keeps its own message;
+            # the rest (a closed socket, a dropped session) is the connection
             if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, (ConnectionError,
                                                                                            TimeoutError)):
                 raise
