@@ -95,7 +95,8 @@ def _program_problems(loaded, built: dict) -> list[str]:
             continue
         problem = impl.program_problem(program)
         if problem:
-            problems.append(f"workflow.steps[{index}] ({step.name}): {problem}")
+            problems.append(f"{_line_of(loaded, f'workflow.steps.{index}.command')}workflow.steps[{index}] "
+                            f"({step.name}): {problem}")
     return problems
 
 
@@ -114,7 +115,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for name, impl in built:
         plugin = loaded.config.workers[name].plugin
         for problem in impl.check():
-            problems.append(f"workers.{name} ({plugin}): {problem}")
+            problems.append(f"{_line_of(loaded, f'workers.{name}.settings', f'workers.{name}')}workers.{name} "
+                            f"({plugin}): {problem}")
         for line in impl.check_info():
             print(f"workers.{name} ({plugin}): {line}")
         impl.close()
@@ -140,6 +142,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _line_of(loaded, *keys: str) -> str:
+    """``mqi.yaml:12: `` for the first of ``keys`` the config file has, or ``""``: a plugin's
+    own check names the place to fix as the YAML checks do."""
+    for key in keys:
+        line = loaded.lines.get(key)
+        if line:
+            return f"{loaded.path.name}:{line}: "
+    return ""
+
+
 def _refuse_broken_setup(loaded) -> None:
     """Refuse to start, with the messages ``check`` gives, when a plugin the config uses is
     missing or broken or its settings are wrong: a worker that cannot start would only
@@ -152,7 +164,8 @@ def _refuse_broken_setup(loaded) -> None:
         # a scanner's checks are of this machine's folders (an inbox that does not exist):
         # nothing would ever be taken, and the log would only warn every tick
         if loaded.worker_kind(name) == "scanner":
-            problems += [f"workers.{name} ({loaded.config.workers[name].plugin}): {p}" for p in impl.check()]
+            problems += [f"{_line_of(loaded, f'workers.{name}.settings', f'workers.{name}')}workers.{name} "
+                         f"({loaded.config.workers[name].plugin}): {p}" for p in impl.check()]
         impl.close()
     if problems:
         raise UsageError("the host was not started:\n  " + "\n  ".join(problems)

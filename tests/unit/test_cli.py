@@ -234,6 +234,9 @@ def test_check_finds_a_simulator_that_is_not_installed(tmp_path):
     path.write_text(text.replace("{python} -m mqi_moqui.standin", "/no/such/tps_env", 1))
     proc = run_cli("check", "-c", str(path))
     assert proc.returncode != 0 and "/no/such/tps_env: no such executable file" in proc.stdout + proc.stderr
+    # the problem names the line of the command to fix, as the YAML checks do (issue 19)
+    line = next(n for n, text_line in enumerate(path.read_text().splitlines(), 1) if "/no/such/tps_env" in text_line)
+    assert f"problem: mqi.yaml:{line}: workflow.steps[2] (simulate)" in proc.stdout
 
 
 @pytest.mark.parametrize("command, program", [
