@@ -422,6 +422,8 @@ class Conductor:
             self._finish_step(row, "done", message, exit_code, progress=1.0)
             if row["step_index"] == 0 and not step.per_beam and self._is_interpreter(step):
                 self._apply_plan(case, body.get("data") or {})
+            elif beam and row["step_index"] == len(self.steps) - 1:  # its last step: the beam's result is there
+                self._set_beam(row["case_id"], beam, "done", "")
             elif beam:  # progress, not a stall: the words say so
                 self._set_beam(row["case_id"], beam, "waiting", f"{step.name} done; waiting for the case's other beams")
         elif outcome == "incomplete":

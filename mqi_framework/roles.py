@@ -436,7 +436,12 @@ class ExecuteRole(Role):
             if self.ledger.is_cancelled(body["step_id"], body["attempt"]):
                 self._kill(body, handle)  # a kill that failed when the cancel came is tried again
                 continue
-            status = self.impl.poll(handle)
+            try:
+                status = self.impl.poll(handle)
+            except p.PermanentError as exc:  # e.g. the host's key changed: asking again cannot help
+                self._final(body, "failed", f"{printable(str(exc))[:500]} (the job could not be asked about or "
+                            "killed; it may still run there)", handle, permanent=True)
+                continue
             if status.state == "running":
                 self._announce_reattached(body, handle)
                 self._progress(body, handle)

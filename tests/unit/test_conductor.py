@@ -313,3 +313,19 @@ def test_re_checks_of_an_incomplete_case_are_quiet_until_something_changes(env):
     finish(conductor, commands(conn, "mqi.prepare")[-1], data=PLAN)  # the delivery arrived
     assert case_row(conn)["state"] == "uploading"
     assert commands(conn, "mqi.transfer")
+
+
+def test_a_beam_is_done_when_its_last_step_is(env):
+    """Issue 19: in the demo's progress a beam went from postprocessing back to waiting."""
+    conductor, conn, _, _ = env
+    case = detect_and_prepare(conductor, conn)
+    for sim in commands(conn, "mqi.execute"):
+        finish(conductor, sim)
+    for sim in commands(conn, "mqi.execute")[2:]:
+        finish(conductor, sim)
+    finish(conductor, commands(conn, "mqi.transfer")[-1])
+    first, *others = commands(conn, "mqi.postprocess")
+    finish(conductor, first)
+    states = beam_states(conn, case["id"])
+    assert states[first["beam"]] == "done" and case_row(conn)["state"] == "postprocessing"
+    assert all(states[o["beam"]] == "postprocessing" for o in others)

@@ -295,3 +295,33 @@ def test_the_ledger_is_private_to_its_worker(tmp_path):
         if extra.exists():
             assert stat.S_IMODE(extra.stat().st_mode) & 0o077 == 0
     assert ledger.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_reattached_job_is_announced_once(tmp_path):
+    first, executor = Runtime(tmp_path), FakeExecutor()
+    ExecuteRole(first, executor).handle(run_step())
+    assert not [t for t, _ in first.reports if t == "step.reattached"]  # started here: not a re-attachment
+    first.ledger.close()
+    again = Runtime(tmp_path)
+    role = ExecuteRole(again, executor)
+    role.tick()
+    role.tick()
+    assert [t for t, _ in again.reports].count("step.reattached") == 1
+
+
+def test_a_permanent_error_while_polling_fails_the_attempt_at_once(execute):
+    """Issue 19: a host key that changed while a job ran read as "unreachable" until the job
+    was given up as lost."""
+    runtime, executor, role = execute
+    role.handle(run_step())
+
+    def refuse(handle):
+        raise p.PermanentError("host key of gpu1 changed")
+
+    executor.poll = refuse
+    role.tick()
+    [(attempt, outcome, message)] = runtime.finals()
+    assert (attempt, outcome) == (1, "failed") and "host key of gpu1 changed" in message and "may still run" in message
+    assert [f.get("permanent") for t, f in runtime.reports if t == "step.finished"] == [True]
+    role.tick()
+    assert len(runtime.finals()) == 1  # reported once
