@@ -425,7 +425,9 @@ class Interpreter(Plugin):
 
         Paths inside the written inputs refer to ``remote_dir``, where the tree will be
         uploaded. Returns, per beam number, the input file path relative to ``staging_dir``.
-        Must be idempotent (a re-run rewrites the same files).
+        ``plan.info["prepare_attempt"]`` is the attempt number of this preparation (a case run
+        again from its first step has a higher one), for inputs that should differ then (a
+        random seed). Must be idempotent for one attempt (a re-run rewrites the same files).
         """
 
     @abc.abstractmethod

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import attrs
+
 from mqi_framework import logfields, protocols as p, retention
 from mqi_framework.files import remove_tree
 from mqi_framework.limits import measure_case
@@ -237,6 +239,9 @@ class PrepareRole(Role):
             return "incomplete", f"waiting for delivery of beam(s) {', '.join(map(str, sorted(plan.missing)))}", data
         staging = Path(body["staging_dir"])
         staging.mkdir(parents=True, exist_ok=True)
+        # which preparation this is, for interpreters whose inputs depend on it (a new
+        # random seed when a case runs again from its first step)
+        plan = attrs.evolve(plan, info={**plan.info, "prepare_attempt": int(body.get("attempt", 1))})
         inputs = self.impl.prepare(case_dir, plan, staging, body["remote_dir"])
         data["inputs"] = {str(k): v for k, v in inputs.items()}
         return "ok", f"{len(plan.beams)} treatment beam(s) prepared", data

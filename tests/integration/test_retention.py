@@ -59,6 +59,10 @@ def test_copies_go_orphans_are_swept_and_a_retry_runs_again_from_the_start(tmp_p
     steps = ws.query("SELECT s.step_index, s.attempt FROM steps s JOIN cases c ON c.id = s.case_id "
                      "WHERE c.uid = ? AND s.step_index = 0", failed["id"])
     assert steps[0]["attempt"] == 2  # prepared again
+    import json
+
+    record = json.loads((ws.folder / "results" / failed["id"] / "beams" / "2" / "run.json").read_text())
+    assert record["prepare_attempt"] == 2  # so its beams got new seeds (issue 14.3), recorded with the result
     retry_events = [r["message"] for r in ws.query(
         "SELECT e.message FROM events e JOIN cases c ON c.id = e.case_id WHERE c.uid = ? AND e.kind = 'case.retry'",
         failed["id"])]

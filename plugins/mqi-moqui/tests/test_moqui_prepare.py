@@ -191,3 +191,26 @@ def test_a_file_name_too_long_to_stage_is_a_clear_rejection(inbox, tmp_path):
     (case / delivery_folder_name(3, 1) / ("x" * 246 + ".ptn")).write_bytes(b"\x00")
     with pytest.raises(CaseRejected, match="too long"):
         interp.prepare(case, interp.interpret(case), tmp_path / "staging", REMOTE)
+
+
+def test_a_case_prepared_again_gets_new_seeds_and_records_them(inbox, tmp_path, interpreter):
+    """Issue 14.3: RandomSeed from case, beam and attempt, recorded with the result."""
+    import json
+
+    import attrs
+
+    case = generate_case(inbox, "SEEDS", seed=3)
+    plan = interpreter.interpret(case)
+
+    def seeds(attempt: int, where: str) -> dict[int, str]:
+        staged = tmp_path / where
+        planned = attrs.evolve(plan, info={**plan.info, "prepare_attempt": attempt})
+        inputs = interpreter.prepare(case, planned, staged, REMOTE)
+        record = json.loads((staged / "beams" / "1" / "run.json").read_text())
+        assert record["prepare_attempt"] == attempt and str(record["random_seed"]) == read_input(staged / inputs[1])[
+            "RandomSeed"]
+        return {n: read_input(staged / rel)["RandomSeed"] for n, rel in inputs.items()}
+
+    first, again, second = seeds(1, "a"), seeds(1, "b"), seeds(2, "c")
+    assert first == again  # one preparation: one seed per beam, whatever re-delivers it
+    assert len(set(first.values())) == 3 and not set(first.values()) & set(second.values())

@@ -64,6 +64,8 @@ STUDY_UID_KEY = "DICOM_STUDY_INS_UID"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 #: placeholders an ``extra_keys`` value may use
 EXTRA_KEY_FIELDS = ("beam", "beam_name", "case", "case_dir", "beam_dir")
+#: the key of CasePlan.info under which the host passes the prepare step's attempt number
+PREPARE_ATTEMPT = "prepare_attempt"
 #: per beam, how its result was computed (:meth:`MoquiInterpreter.run_record`)
 RUN_RECORD = "run.json"
 #: the staged tree, relative to the case folder on the execution side (``ParentDir``)
@@ -107,8 +109,9 @@ class MoquiSettings:
     #: npz is upstream's sparse spots x voxels matrix, summed over spots when read)
     output_format: Literal["raw", "mhd", "mha", "npz"] = attrs.field(
         default="raw", validator=attrs.validators.in_(("raw", "mhd", "mha", "npz")))
-    #: mixed into each beam's ``RandomSeed``, which is derived from the case id and the beam
-    #: number (every beam and case gets its own stream; the same case prepared again, the same)
+    #: mixed into each beam's ``RandomSeed``, which is derived from the case id, the beam
+    #: number and the preparation's attempt (every beam and case gets its own stream, a case
+    #: run again from its first step a new one; the retries of one simulation reuse theirs)
     random_seed: int = 1
     #: ``Scorer``: what the engine scores (upstream's default is none: no dose file at all)
     scorer: str = "Dose"
@@ -180,9 +183,11 @@ class MoquiSettings:
 # ------------------------------------------------------------------------------ helpers
 
 
-def beam_seed(case: str, beam: int, salt: int) -> int:
-    """A ``RandomSeed`` of its own for each case and beam (a positive 31-bit integer)."""
-    digest = hashlib.sha256(f"{salt}:{case}:{beam}".encode()).digest()
+def beam_seed(case: str, beam: int, salt: int, attempt: int = 1) -> int:
+    """A ``RandomSeed`` of its own for each case, beam and preparation attempt (a positive
+    31-bit integer): the same inputs give the same seed, a case run again from its first
+    step a new one."""
+    digest = hashlib.sha256(f"{salt}:{case}:{beam}:{attempt}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF or 1
 
 
@@ -507,9 +512,12 @@ class MoquiInterpreter(Interpreter):
                                    "staged; shorten it (or let deidentify rename the logs), then retry") from None
             relative = f"beams/{beam.number}/moqui_tps_{beam.number}.in"
             details = next((b for b in plan.info.get("beam_details", []) if b.get("number") == beam.number), {})
-            text = self.input_text(beam.number, remote_dir, beam_name=beam.name, machine=details.get("machine", ""))
+            attempt = int(plan.info.get(PREPARE_ATTEMPT, 1) or 1)
+            text = self.input_text(beam.number, remote_dir, beam_name=beam.name, machine=details.get("machine", ""),
+                                   attempt=attempt)
             _write_atomic(staging_dir / relative, text.encode("utf-8"))
             record = self.run_record(text, medium, len(matched.get(beam.number, [])))
+            record["prepare_attempt"] = attempt
             _write_atomic(beam_stage / RUN_RECORD, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
             inputs[beam.number] = relative
         if settings.engine_profile == "moqui-logs":
@@ -637,7 +645,8 @@ class MoquiInterpreter(Interpreter):
         write_atomic(target, data, unchanged_ok=True)
         os.chmod(target, 0o600)
 
-    def input_text(self, beam_number: int, remote_dir: str, *, beam_name: str = "", machine: str = "") -> str:
+    def input_text(self, beam_number: int, remote_dir: str, *, beam_name: str = "", machine: str = "",
+                   attempt: int = 1) -> str:
         """The ``moqui_tps_<n>.in`` content for one beam, in the keys of the engine profile
         (:mod:`mqi_moqui.profiles`; docs/real-moqui.md). Paths refer to ``remote_dir`` (POSIX):
         ``DicomDir`` and ``logFilePath`` are relative to ``ParentDir``, as both engines join
@@ -648,7 +657,7 @@ class MoquiInterpreter(Interpreter):
         beam_rel = posixpath.join("beams", str(beam_number))
         keys: dict[str, str] = {
             "GPUID": str(s.gpu_id),
-            "RandomSeed": str(beam_seed(case, beam_number, s.random_seed)),
+            "RandomSeed": str(beam_seed(case, beam_number, s.random_seed, attempt)),
             "UseAbsolutePath": "false",
             "ParentDir": parent,
             "DicomDir": DICOM_DIR,
