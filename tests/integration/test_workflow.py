@@ -171,17 +171,22 @@ def test_cancel_kills_running_jobs_and_releases_gpus(ws, host_factory):
         assert (pid_file.parent / "exit_code").exists(), f"{pid_file.parent.name} still running"
 
 
+def failed_steps_of_one_case(tmp_path, host_factory, config, name: str, seed: int) -> list:
+    """Run one sample case on ``config``; it must fail: its failed steps (attempt, message)."""
+    ws = Workspace(tmp_path / "ws", config)
+    generate_case(ws.inbox, name, seed=seed)
+    host_factory(workspace=ws)
+    case = wait_final(ws, 1)[name]
+    assert case["state"] == "failed"
+    return ws.query("SELECT s.attempt, s.message FROM steps s JOIN cases c ON c.id = s.case_id "
+                    "WHERE c.uid = ? AND s.state = 'failed'", case["id"])
+
+
 def test_a_deterministic_engine_failure_is_not_retried_and_names_its_cause(tmp_path, host_factory):
     """Issue 14.5: upstream's "Valid machine is not available." (exit 134) fails the same way
     on every attempt: the step fails at once with the engine's reason, not "exit code 134"."""
     config = fast_config(overrides={"workers": {"prepare": {"settings": {"default_machine": "SMC:G1"}}}})
-    ws = Workspace(tmp_path / "ws", config)
-    generate_case(ws.inbox, "NOMODEL", seed=3)
-    host_factory(workspace=ws)
-    case = wait_final(ws, 1)["NOMODEL"]
-    assert case["state"] == "failed"
-    rows = ws.query("SELECT s.attempt, s.message FROM steps s JOIN cases c ON c.id = s.case_id "
-                    "WHERE c.uid = ? AND s.state = 'failed'", case["id"])
+    rows = failed_steps_of_one_case(tmp_path, host_factory, config, "NOMODEL", 3)
     assert rows and all(r["attempt"] == 1 for r in rows)  # retry.max_attempts is 2: not used
     assert any("no model of the plan's treatment machine" in r["message"] and "exit code 134" in r["message"]
                for r in rows)
@@ -217,13 +222,7 @@ def test_a_simulator_that_is_not_installed_fails_at_once_and_says_so(tmp_path, h
     code 127", retried; "not found" was only in the log tail."""
     config = fast_config()
     config["workflow"]["steps"][2]["command"] = "CUDA_VISIBLE_DEVICES={gpu} no-such-tps-env {input_file}"
-    ws = Workspace(tmp_path / "ws", config)
-    generate_case(ws.inbox, "NOENGINE", seed=8)
-    host_factory(workspace=ws)
-    case = wait_final(ws, 1)["NOENGINE"]
-    assert case["state"] == "failed"
-    rows = ws.query("SELECT s.attempt, s.message FROM steps s JOIN cases c ON c.id = s.case_id "
-                    "WHERE c.uid = ? AND s.state = 'failed'", case["id"])
+    rows = failed_steps_of_one_case(tmp_path, host_factory, config, "NOENGINE", 8)
     assert rows and all(r["attempt"] == 1 for r in rows)  # permanent: retry.max_attempts 2 not used
     assert all("exit code 127: the command's program was not found" in r["message"]
                and "no-such-tps-env" in r["message"] for r in rows), rows

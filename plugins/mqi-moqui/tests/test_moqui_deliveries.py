@@ -137,9 +137,8 @@ def test_plan_range_text_variants_and_garbage():
         read_plan_range(b"LAYER_NO,LAYER_ENERGY\n1,70\n1,75\n", "x")
 
 
-def test_a_real_24_layer_plan_checks_its_delivered_energies(tmp_path):
-    """The public SOBP plan (Eclipse): a PlanRange.txt written from its own energies passes;
-    one of a plan with one layer less fails at the layer where the energies part."""
+def sobp_case(tmp_path: Path):
+    """A case folder holding the public SOBP plan: (dataset, folder, its beam, layer energies)."""
     ds = pydicom.dcmread(SOBP)
     case = tmp_path / "sobp"
     case.mkdir()
@@ -147,6 +146,13 @@ def test_a_real_24_layer_plan_checks_its_delivered_energies(tmp_path):
     beam = ds.IonBeamSequence[0]
     energies = [float(cp.NominalBeamEnergy) for cp in beam.IonControlPointSequence
                 if sum(float(w) for w in cp.ScanSpotMetersetWeights) > 0]
+    return ds, case, beam, energies
+
+
+def test_a_real_24_layer_plan_checks_its_delivered_energies(tmp_path):
+    """The public SOBP plan (Eclipse): a PlanRange.txt written from its own energies passes;
+    one of a plan with one layer less fails at the layer where the energies part."""
+    ds, case, beam, energies = sobp_case(tmp_path)
     folder = case / "2026010100000000"
     folder.mkdir()
     (folder / "PlanInfo.txt").write_text(f"DICOM_PATIENT_ID,{ds.PatientID}\r\nDICOM_STUDY_INS_UID,{ds.StudyInstanceUID}"
@@ -164,13 +170,7 @@ def test_a_real_24_layer_plan_checks_its_delivered_energies(tmp_path):
 def test_a_real_plan_delivered_in_two_sessions_is_merged(tmp_path):
     """The public 24-layer SOBP plan interrupted after layer 10 and resumed: two folders, one
     staged delivery with every layer in order."""
-    ds = pydicom.dcmread(SOBP)
-    case = tmp_path / "sobp"
-    case.mkdir()
-    shutil.copy(SOBP, case / SOBP.name)
-    beam = ds.IonBeamSequence[0]
-    energies = [float(cp.NominalBeamEnergy) for cp in beam.IonControlPointSequence
-                if sum(float(w) for w in cp.ScanSpotMetersetWeights) > 0]
+    ds, case, beam, energies = sobp_case(tmp_path)
     for folder_name, layers in (("2026010100000000", range(1, 11)), ("2026010101300000", range(11, 25))):
         folder = case / folder_name
         folder.mkdir()
