@@ -128,3 +128,47 @@ def test_the_benchmark_runs():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode in (0, 1), proc.stderr
     assert "40 layers, 20000 spots" in proc.stdout and "level ok" in proc.stdout and "ratio" in proc.stdout
+
+
+# ----------------------------------------------------------------- in the interpreter
+
+def logged_case(inbox: Path, *, shift: dict | None = None):
+    """A sample case whose .ptn files are real logs of its plan (as written by write_ptn);
+    ``shift`` {(beam, layer): (dx, dy)} moves a layer's delivered spots."""
+    from mqi_moqui.delivery_check import beam_meterset
+    from mqi_moqui.samples import delivery_dir_of, generate_case
+
+    case = generate_case(inbox, "LOGGED", seed=4, treatment_beams=2)
+    [plan_file] = case.glob("RN*.dcm")
+    ds = pydicom.dcmread(plan_file)
+    for beam in ds.IonBeamSequence[:2]:
+        number = int(beam.BeamNumber)
+        folder = delivery_dir_of(case, number)
+        rows = [line.split(",") for line in (folder / "PlanRange.txt").read_text().splitlines()[1:]]
+        for row, layer in zip(rows, planned_layers(beam, beam_meterset(ds, number))):
+            dx, dy = (shift or {}).get((number, int(row[1])), (0.0, 0.0))
+            write_ptn(folder / row[9], int(row[1]), layer.x + dx, layer.y + dy, layer.mu, CAL, int(row[5]))
+    return case
+
+
+def test_the_interpreter_analyses_each_delivery_before_anything_runs(inbox, tmp_path):
+    from mqi_moqui.interpreter import MoquiInterpreter, MoquiSettings
+
+    calibration = tmp_path / "scv_init_G1.txt"
+    calibration.write_text("XPOSOFFSET 32768\nYPOSOFFSET 32768\nXPOSGAIN 0.01\nYPOSGAIN 0.01\nTIMEGAIN 0.06\n")
+    moqui = MoquiInterpreter(MoquiSettings(delivery_calibrations={"G1": str(calibration)}))
+    case = logged_case(inbox / "a")
+    plan = moqui.interpret(case)
+    analysis = plan.info["delivery_analysis"]
+    assert set(analysis) == {"1", "2"} and all(a["level"] == "ok" for a in analysis.values())
+    assert "position_errors_mm" not in analysis["1"]["layers"][0]  # per-spot lists stay out of the case info
+    shifted = moqui.interpret(logged_case(inbox / "b", shift={(2, 2): (0.0, 2.0)}))
+    assert shifted.info["delivery_analysis"]["2"]["level"] == "action" and shifted.missing == []  # flagged, not held
+    assert any(n.startswith("beam 2: delivery layer 2: spot position off by up to 2.0") for n in shifted.info["notes"])
+    with pytest.raises(CaseRejected, match="room G1, which has no calibration"):
+        MoquiInterpreter(MoquiSettings(delivery_calibrations={"G2": str(calibration)})).interpret(case)
+    from mqi_moqui.samples import delivery_dir_of
+
+    next(delivery_dir_of(case, 1).glob("*_002.ptn")).unlink()
+    with pytest.raises(CaseRejected, match="the log file of layer 2 named by PlanRange.txt is not in the delivery"):
+        moqui.interpret(case)

@@ -45,6 +45,8 @@ from mqi_framework.toolkit import write_atomic
 from mqi_moqui.deid import (Pseudonymizer, deidentify_dataset, deidentify_plan_info, deidentify_plan_range,
                             delivery_file_name, load_key)
 from mqi_moqui.deliveries import STOP_KEY, Delivery, check_layers, layers_of
+from mqi_moqui.delivery_analysis import Levels
+from mqi_moqui.delivery_check import check_beam, for_case_info, load_calibrations
 from mqi_moqui.images import ImageSet, Phantom, find_images, phantom_series
 from mqi_moqui.logjudge import judge_log
 from mqi_moqui.plancheck import check_plan, required_beams
@@ -158,6 +160,12 @@ class MoquiSettings:
     #: equal the plan's PatientID and StudyInstanceUID), ``patient`` (the patient id only) or
     #: ``off`` (not checked: only for sites whose logs carry neither)
     delivery_identity: Literal["patient_and_study", "patient", "off"] = "patient_and_study"
+    #: the delivery analysis (docs/real-moqui.md): the ``.ptn`` position-monitor calibration
+    #: file per treatment room (PlanInfo.txt's TCSC_MACHINE), relative to the config file's
+    #: folder. Empty (the default): the logs are staged but not analysed
+    delivery_calibrations: dict[str, str] = attrs.field(factory=dict)
+    #: tolerance and action levels of the delivery analysis (position mm, MU %)
+    delivery_levels: Levels = attrs.field(factory=Levels)
     #: how far (MeV) a delivered layer's energy (PlanRange.txt) may be from the plan's
     layer_energy_tolerance_mev: float = attrs.field(default=0.1, validator=attrs.validators.ge(0))
     #: radiation types of treatment beams the engine simulates (upstream Moqui: protons)
@@ -387,6 +395,10 @@ class MoquiInterpreter(Interpreter):
             "delivery_identity": settings.delivery_identity,
             "dose_medium": medium.info(),
         }
+        if settings.delivery_calibrations:
+            analysis = self._analyse_deliveries(case_dir, ds, matched, [n for n in needed if n not in missing])
+            info["delivery_analysis"] = {str(n): for_case_info(result) for n, result in analysis.items()}
+            notes += [f"beam {n}: delivery {flag}" for n, result in analysis.items() for flag in result["flags"]]
         if notes:
             info["notes"] = notes
         if ignored:
@@ -429,6 +441,20 @@ class MoquiInterpreter(Interpreter):
             if missing_layers:
                 unfinished.add(number)
         return matched, ignored, notes, unfinished
+
+    def _analyse_deliveries(self, case_dir: Path, ds: Any, matched: dict[int, list[Delivery]],
+                            beams: list[int]) -> dict[int, dict[str, Any]]:
+        """Delivered against planned for every delivered beam (:mod:`mqi_moqui.delivery_check`)."""
+        config_path = getattr(self.context, "config_path", None)
+        calibrations = load_calibrations(self.settings.delivery_calibrations,
+                                         Path(config_path).parent if config_path else None)
+        out = {}
+        for number in beams:
+            folders = [case_dir / d.folder for d in matched[number]]
+            values = parse_plan_info(read_text_file(folders[0] / PLAN_INFO, f"{matched[number][0].label}: {PLAN_INFO}"))
+            out[number] = check_beam(ds, number, folders, values, calibrations, self.settings.delivery_levels,
+                                     matched[number][0].label)
+        return out
 
     def _medium(self, case_dir: Path, ds: Any, summary: Any) -> "ImageSet | Phantom":
         """The CT series the dose is computed on, or the water phantom (``phantom: water``);
