@@ -54,6 +54,11 @@ def cmd_case(args: argparse.Namespace) -> int:
     for beam in detail["beams"]:
         note = beam["message"] if beam["message"] and beam["message"] != beam["state"] else ""
         print(f"  beam {beam['number']}: {beam['state']}{'  ' + note if note else ''}")
+    notes = (detail.get("info") or {}).get("notes") or []
+    if notes:  # what the interpreter found: beams not simulated, delivery findings, ...
+        print("  notes:")
+        for line in notes:
+            print(f"    {line}")
     print("  steps:")
     for step in detail["steps"]:
         beam = f" beam {step['beam']}" if step["beam"] else ""

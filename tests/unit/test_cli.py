@@ -248,3 +248,21 @@ def test_the_program_of_a_step_command(command, program):
     from mqi_framework.cli.setup_commands import step_program
 
     assert step_program(command) == program
+
+
+def test_case_shows_what_the_interpreter_noted(tmp_path):
+    """Findings of the interpretation (beams not simulated, delivery analysis) were only in
+    --json; `mqi-host case` prints them as notes."""
+    from mqi_framework.config import load_config
+    from mqi_framework.store import open_state, transaction
+
+    path = write_workspace(tmp_path, fast_config())
+    conn = open_state(load_config(path).database_path)
+    info = {"notes": ["beam 2: delivery layer 5: spot position off by up to 2.00 mm (mean +2.00, +0.00 mm)"]}
+    with transaction(conn):
+        conn.execute("INSERT INTO cases(uid, name, inbox, path, state, detected_at, updated_at, info) "
+                     "VALUES ('case-000001', 'C1', '/in', '/in/C1', 'running', 0, 0, ?)", (json.dumps(info),))
+    conn.close()
+    proc = run_cli("case", "case-000001", "-c", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "  notes:\n    beam 2: delivery layer 5: spot position off by up to 2.00 mm" in proc.stdout

@@ -460,3 +460,33 @@ def test_case_list_has_per_case_progress_and_a_legend_of_the_chips(client):
         done = sum(1 for b in case["beams"] if b["state"] == "done")
         assert f"{done}/{len(case['beams'])} done" in html
     assert 'class="legend' in html and "waiting for a GPU, a retry or a delivery" in html
+
+
+def test_the_case_page_shows_notes_and_the_delivery_analysis(client, state_ws):
+    """Issue 16.2: the delivery analysis per beam and layer, and the interpreter's notes."""
+    import json as _json
+
+    from mqi_framework.store import open_state, transaction
+
+    layer = {"layer": 5, "energy": 120.5, "planned_spots": 400, "delivered_spots": 400, "missing_spots": 0,
+             "extra_spots": 0, "position_mean_mm": [2.0, 0.0], "position_max_mm": 2.004, "position_rms_mm": 2.0,
+             "mu_diff_pct": 0.01, "level": "action"}
+    analysis = {"2": {"beam": 2, "level": "action", "mu_planned": 100.0, "mu_delivered": 100.01, "mu_diff_pct": 0.01,
+                      "position_max_mm": 2.004, "layers_planned": 24, "layers_delivered": 24, "restarts": 0,
+                      "flags": ["layer 5: spot position off by up to 2.00 mm"], "layers": [layer],
+                      "levels": {"position_tolerance_mm": 1.0, "position_action_mm": 2.0, "mu_tolerance_pct": 1.0,
+                                 "mu_action_pct": 2.0, "match_radius_mm": 3.0}}}
+    info = {"plan_label": "QA1", "notes": ["beam 2: delivery layer 5: spot position off by up to 2.00 mm"],
+            "delivery_analysis": analysis}
+    conn = open_state(state_ws.db)
+    with transaction(conn):
+        conn.execute("INSERT INTO cases(id, uid, name, inbox, path, state, detected_at, updated_at, info) "
+                     "VALUES (999, 'case-000999', 'DELIVERY', '/in', '/in/DELIVERY', 'running', 0, 0, ?)",
+                     (_json.dumps(info),))
+    conn.close()
+    response = client.get("/cases/case-000999")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200, html[html.find("<main"):][:1500]
+    assert "<h2>Notes</h2>" in html and "beam 2: delivery layer 5: spot position off by up to 2.00 mm" in html
+    assert "Delivery against the plan" in html and 'id="delivery-beam-2"' in html
+    assert "2.004" in html and "+0.01" in html and 'class="pill st-failed">action' in html
