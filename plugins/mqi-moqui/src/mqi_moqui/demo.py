@@ -39,7 +39,7 @@ def _progress_line(case: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from mqi_framework.api import FINAL_CASE_STATES, Host, fast_config, write_workspace
 
-    from mqi_moqui.samples import generate_case, outputs_missing
+    from mqi_moqui.samples import SAMPLE_CALIBRATION, SAMPLE_ROOM, generate_case, outputs_missing
 
     if args.cases < 1 or args.gpus < 1:
         print("error: --cases and --gpus must be at least 1", file=sys.stderr)
@@ -55,11 +55,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --dashboard: {problem}", file=sys.stderr)
             return 2
         config["workers"]["dashboard"] = {"plugin": "dashboard", "kind": "service", "settings": {"port": args.port}}
+    # the delivery logs are analysed against the plan; the sample logs' calibration (room G1)
+    config["workers"]["prepare"]["settings"]["delivery_calibrations"] = {SAMPLE_ROOM: CALIBRATION_FILE}
     config_path = write_workspace(folder, config)
+    (folder / CALIBRATION_FILE).parent.mkdir(parents=True, exist_ok=True)
+    (folder / CALIBRATION_FILE).write_text(SAMPLE_CALIBRATION, encoding="utf-8")
     api_host = Host.open(config_path, actor="demo")
     inbox = folder / "inbox"
     for i in range(1, args.cases + 1):
-        generate_case(inbox, f"DEMO-{i:03d}", seed=i)
+        # the second case's beam 1 was delivered 2 mm off on its second layer: flagged, still run
+        generate_case(inbox, f"DEMO-{i:03d}", seed=i, delivery_shift={(1, 2): (2.0, 0.0)} if i == 2 else None)
     print(f"mqi-host demo: {args.cases} sample case(s) in {inbox}, {args.gpus} stand-in GPU(s)", flush=True)
     if args.dashboard:
         print(f"dashboard: http://127.0.0.1:{args.port}/", flush=True)
@@ -128,9 +133,17 @@ def run(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"  - {problem}")
         return 1
+    for case in final:  # what the delivery analysis flagged for the physicist
+        for note in (case.get("info") or {}).get("notes") or []:
+            if ": delivery " in note:
+                print(f"flagged:  {case['id']} {note}")
     beams = sum(len(c["beams"]) for c in final)
     print(f"demo passed: {len(final)} case(s), {beams} treatment beam(s) done in {elapsed:.1f}s")
     return 0
+
+
+#: the demo workspace's position-monitor calibration of the sample logs (relative to mqi.yaml)
+CALIBRATION_FILE = "calibration/scv_init_G1.txt"
 
 
 def host_command() -> str:

@@ -167,6 +167,7 @@ def generate_case(
     ready_marker: bool = True,
     log_bytes: int = 4096,
     ct: bool = True,
+    delivery_shift: Optional[dict] = None,
 ) -> Path:
     """Write a sample case folder ``inbox/case_id`` and return its path.
 
@@ -176,7 +177,10 @@ def generate_case(
     files, and per layer one ``*.ptn`` and one ``*.mgn`` file (``log_bytes`` bytes in all; random
     bytes, not a decodable log).
     ``_CASE_READY`` is written last when ``ready_marker``. ``case_id`` is only a folder name.
-    With ``ct`` the case holds a small planning CT (a water cylinder in air, 32 x 32 x 24
+    The ``.ptn`` files are real logs of the plan's spots as :func:`mqi_moqui.ptn.write_ptn`
+    writes them for :data:`SAMPLE_CALIBRATION` (room G1), padded to ``log_bytes`` with
+    beam-off records; ``delivery_shift`` {(beam, layer): (dx, dy)} moves a layer's delivered
+    spots (mm), for a delivery out of tolerance. With ``ct`` the case holds a small planning CT (a water cylinder in air, 32 x 32 x 24
     voxels of 8 mm) and an RTSTRUCT with its body contour, which the plan references.
     """
     from mqi_moqui.rtplan import save_dataset
@@ -217,7 +221,8 @@ def generate_case(
         per_layer = max(0, log_bytes) // max(1, len(energies))
         for layer, energy in enumerate(energies, 1):
             ptn, mgn = f"{stem}_{layer:03d}.ptn", f"{stem}_{layer:03d}.mgn"
-            (folder / ptn).write_bytes(rng.randbytes(per_layer * 3 // 4))
+            shift = (delivery_shift or {}).get((beam, layer), (0.0, 0.0))
+            _write_sample_log(folder / ptn, ds, beam, layer, shift, per_layer * 3 // 4, rng)
             (folder / mgn).write_bytes(rng.randbytes(per_layer - per_layer * 3 // 4))
             rows.append(f"{seed}{beam}{layer:03d},{layer},{energy:.1f},{fake_patient_id(seed)},{beam},2,2,2,2,{ptn},{mgn}")
         (folder / "PlanRange.txt").write_text("\r\n".join(rows) + "\r\n", encoding="utf-8")
@@ -229,6 +234,32 @@ def generate_case(
 
 PLAN_RANGE_HEADER = ("RESULT_ID,LAYER_NO,LAYER_ENERGY,PATIENT_ID,FLD_NO,DOSE1_RANGE,DOSE2_RANGE,PLAN_DOSE1_RANGE,"
                      "PLAN_DOSE2_RANGE,SCAN_OUT_FL_NM,PLAN_SCAN_OUT_FL_NM")
+
+
+#: the position-monitor calibration the sample logs are written with (room G1)
+SAMPLE_CALIBRATION = "XPOSOFFSET 32768\nYPOSOFFSET 32768\nXPOSGAIN 0.01\nYPOSGAIN 0.01\nTIMEGAIN 0.06\n"
+SAMPLE_ROOM = "G1"
+
+
+def _write_sample_log(path: Path, ds: "object", beam: int, layer: int, shift: tuple, size: int,
+                      rng: random.Random) -> None:
+    """The layer's real log, then beam-off records (random, but never beam on) up to ``size``."""
+    import numpy as np
+
+    from mqi_moqui.delivery_analysis import planned_layers
+    from mqi_moqui.delivery_check import beam_meterset
+    from mqi_moqui.ptn import BEAM_ON_ACTUAL, RECORD_BYTES, read_calibration, write_ptn
+
+    item = next(b for b in ds.IonBeamSequence if int(b.BeamNumber) == beam)
+    planned = planned_layers(item, beam_meterset(ds, beam))[layer - 1]
+    calibration = read_calibration(SAMPLE_CALIBRATION.encode(), "the sample calibration")
+    write_ptn(path, layer, planned.x + shift[0], planned.y + shift[1], planned.mu, calibration, 2)
+    pad = max(0, size - path.stat().st_size) // RECORD_BYTES
+    if pad:
+        records = np.frombuffer(rng.randbytes(pad * RECORD_BYTES), dtype=">u2").reshape(-1, 8).copy()
+        records[:, 7] &= ~np.uint16(BEAM_ON_ACTUAL)
+        with open(path, "ab") as fh:
+            fh.write(records.astype(">u2").tobytes())
 
 
 def _layer_energies(ds: "object", beam: int) -> list[float]:
