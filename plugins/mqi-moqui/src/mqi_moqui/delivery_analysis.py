@@ -33,9 +33,13 @@ from mqi_moqui.ptn import DeliveredLayer
 class Levels:
     """Tolerance and action levels of the delivery analysis."""
 
+    #: a spot position difference above this (mm) is noted as out of tolerance
     position_tolerance_mm: float = 1.0
+    #: a spot position difference at or above this (mm) flags the beam for the physicist
     position_action_mm: float = 2.0
+    #: an MU difference above this (percent, per spot or per layer) is out of tolerance
     mu_tolerance_pct: float = 1.0
+    #: an MU difference at or above this (percent, per spot, layer or beam) flags the beam
     mu_action_pct: float = 2.0
     #: a delivered spot further than this from every planned spot (after the layer's offset
     #: is taken out) is an extra spot
