@@ -162,6 +162,12 @@ def test_the_interpreter_analyses_each_delivery_before_anything_runs(inbox, tmp_
     analysis = plan.info["delivery_analysis"]
     assert set(analysis) == {"1", "2"} and all(a["level"] == "ok" for a in analysis.values())
     assert "position_errors_mm" not in analysis["1"]["layers"][0]  # per-spot lists stay out of the case info
+    import json
+
+    staging = tmp_path / "staging"
+    moqui.prepare(case, plan, staging, str(staging))
+    full = json.loads((staging / "beams" / "1" / "delivery_analysis.json").read_text())
+    assert full["level"] == "ok" and len(full["layers"][0]["position_errors_mm"]) == 4  # stored per beam, per spot
     shifted = moqui.interpret(logged_case(inbox / "b", shift={(2, 2): (0.0, 2.0)}))
     assert shifted.info["delivery_analysis"]["2"]["level"] == "action" and shifted.missing == []  # flagged, not held
     assert any(n.startswith("beam 2: delivery layer 2: spot position off by up to 2.0") for n in shifted.info["notes"])

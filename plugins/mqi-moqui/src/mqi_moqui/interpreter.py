@@ -15,6 +15,7 @@ Staging tree written by :meth:`MoquiInterpreter.prepare` (uploaded to ``remote_d
                                      a resumed delivery's folders merged into one, one PlanRange.txt)
     beams/<n>/moqui_tps_<n>.in       Moqui input, paths pointing into remote_dir
     beams/<n>/run.json               seed, statistics, RBE, fractions, medium: recorded with the result
+    beams/<n>/delivery_analysis.json delivered vs planned, per layer and spot (with delivery_calibrations)
 
 Reading the plan is :mod:`mqi_moqui.rtplan`, de-identification :mod:`mqi_moqui.deid`, judging
 the engine's log :mod:`mqi_moqui.logjudge`; pydicom is imported lazily so that loading the
@@ -68,6 +69,8 @@ _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 EXTRA_KEY_FIELDS = ("beam", "beam_name", "case", "case_dir", "beam_dir")
 #: the key of CasePlan.info under which the host passes the prepare step's attempt number
 PREPARE_ATTEMPT = "prepare_attempt"
+#: per beam, the full delivery analysis (every layer's per-spot differences), when it runs
+DELIVERY_ANALYSIS = "delivery_analysis.json"
 #: per beam, how its result was computed (:meth:`MoquiInterpreter.run_record`)
 RUN_RECORD = "run.json"
 #: the staged tree, relative to the case folder on the execution side (``ParentDir``)
@@ -511,6 +514,8 @@ class MoquiInterpreter(Interpreter):
         summary = check_plan(ds, radiation_types=settings.radiation_types, scan_modes=settings.scan_modes)
         medium = self._medium(case_dir, ds, summary)
         matched = self._match_deliveries(case_dir, ds, summary)[0]
+        analysis = (self._analyse_deliveries(case_dir, ds, matched, [b.number for b in plan.beams if b.number in matched])
+                    if settings.delivery_calibrations else {})
         if pseudo is not None:
             deidentify_dataset(ds, pseudo)
             _write_atomic(staging_dir / DICOM_DIR / "RTPLAN.dcm", _dataset_bytes(ds))
@@ -545,6 +550,8 @@ class MoquiInterpreter(Interpreter):
             record = self.run_record(text, medium, len(matched.get(beam.number, [])))
             record["prepare_attempt"] = attempt
             _write_atomic(beam_stage / RUN_RECORD, json.dumps(record, indent=1, sort_keys=True).encode("utf-8"))
+            if beam.number in analysis:  # the full delivery analysis, per-spot differences included
+                _write_atomic(beam_stage / DELIVERY_ANALYSIS, json.dumps(analysis[beam.number]).encode("utf-8"))
             inputs[beam.number] = relative
         if settings.engine_profile == "moqui-logs":
             self._stage_fork_logs(plan, matched, summary, case_dir, staging_dir / FORK_LOGS)
