@@ -42,30 +42,43 @@ class Delivery:
         return f"delivery folder #{self.position}"
 
 
-def _int(value: str) -> Optional[int]:
+def parse_int(value: str) -> Optional[int]:
+    """An integer written as ``3``, ``3.0`` or `` 3 ``; None for anything else."""
     try:
-        number = float(value.strip())
+        return int(value.strip())
     except ValueError:
-        return None
-    return int(number) if number.is_integer() else None
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        return int(number) if number.is_integer() else None
+
+
+def plan_range_table(data: bytes) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """PlanRange.txt as its upper-cased header and its rows ``(number, cells)``: BOM, CRLF and
+    blank lines tolerated, cells stripped and padded to the header's width."""
+    text = data.decode("utf-8-sig", errors="replace")
+    rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+    if not rows:
+        return [], []
+    header = [cell.strip().upper() for cell in rows[0]]
+    return header, [(line, [cell.strip() for cell in row] + [""] * len(header))
+                    for line, row in enumerate(rows[1:], 2)]
 
 
 def read_plan_range(data: bytes, what: str) -> dict[int, float]:
     """Layer number → energy (MeV) from PlanRange.txt's ``LAYER_NO`` and ``LAYER_ENERGY``
     columns (BOM, CRLF and blank lines tolerated); a file without those columns, with a
     value that is not a number, or naming one layer with two energies is a rejection."""
-    text = data.decode("utf-8-sig", errors="replace")
-    rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
-    if not rows:
+    header, rows = plan_range_table(data)
+    if not header:
         return {}
-    header = [cell.strip().upper() for cell in rows[0]]
     if "LAYER_NO" not in header or "LAYER_ENERGY" not in header:
         raise CaseRejected(f"{what} has no LAYER_NO and LAYER_ENERGY columns; export the delivery again")
     number_at, energy_at = header.index("LAYER_NO"), header.index("LAYER_ENERGY")
     layers: dict[int, float] = {}
-    for line, row in enumerate(rows[1:], 2):
-        cells = [cell.strip() for cell in row] + [""] * len(header)
-        layer = _int(cells[number_at])
+    for line, cells in rows:
+        layer = parse_int(cells[number_at])
         try:
             energy = float(cells[energy_at])
         except ValueError:
@@ -87,7 +100,7 @@ def layers_of(folder: str, position: int, plan_info: dict[str, str], plan_range:
         energies = read_plan_range(plan_range, f"{label}: {PLAN_RANGE}")
         if energies:
             return Delivery(folder, position, frozenset(energies), energies)
-    start, stop = _int(plan_info.get(START_KEY, "")), _int(plan_info.get(STOP_KEY, ""))
+    start, stop = parse_int(plan_info.get(START_KEY, "")), parse_int(plan_info.get(STOP_KEY, ""))
     if start is not None and stop is not None:
         if not 1 <= start <= stop:
             raise CaseRejected(f"{label}: PlanInfo.txt's {START_KEY} {start} and {STOP_KEY} {stop} are not a layer "

@@ -8,13 +8,12 @@ the case's info (without the per-spot lists) and its flags into the case's notes
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any, Optional
 
 from mqi_framework.protocols import CaseRejected
 
+from mqi_moqui.deliveries import parse_int, plan_range_table
 from mqi_moqui.delivery_analysis import Levels, analyse_beam, planned_layers
 from mqi_moqui.ptn import Calibration, DeliveredLayer, decode, read_calibration
 
@@ -25,22 +24,19 @@ _PER_SPOT = ("position_errors_mm", "spot_mu_diff_pct")
 
 def layer_files(plan_range: bytes, what: str) -> dict[int, tuple[str, int]]:
     """Layer number -> (``.ptn`` file name, dose range code) from PlanRange.txt."""
-    rows = list(csv.reader(io.StringIO(plan_range.decode("utf-8-sig", errors="replace"))))
-    rows = [r for r in rows if any(c.strip() for c in r)]
-    if not rows:
+    header, rows = plan_range_table(plan_range)
+    if not header:
         return {}
-    header = [c.strip().upper() for c in rows[0]]
     for column in ("LAYER_NO", "DOSE1_RANGE", "SCAN_OUT_FL_NM"):
         if column not in header:
             raise CaseRejected(f"{what} has no {column} column: the layers' log files cannot be found")
     at = {c: header.index(c) for c in ("LAYER_NO", "DOSE1_RANGE", "SCAN_OUT_FL_NM")}
     out: dict[int, tuple[str, int]] = {}
-    for line, row in enumerate(rows[1:], 2):
-        cells = [c.strip() for c in row] + [""] * len(header)
-        try:
-            out[int(float(cells[at["LAYER_NO"]]))] = (cells[at["SCAN_OUT_FL_NM"]], int(float(cells[at["DOSE1_RANGE"]])))
-        except ValueError:
-            raise CaseRejected(f"{what} line {line}: layer or range code is not a number") from None
+    for line, cells in rows:
+        layer, code = parse_int(cells[at["LAYER_NO"]]), parse_int(cells[at["DOSE1_RANGE"]])
+        if layer is None or code is None:
+            raise CaseRejected(f"{what} line {line}: layer or range code is not a number")
+        out[layer] = (cells[at["SCAN_OUT_FL_NM"]], code)
     return out
 
 

@@ -45,7 +45,7 @@ from mqi_framework.toolkit import write_atomic
 
 from mqi_moqui.deid import (Pseudonymizer, deidentify_dataset, deidentify_plan_info, deidentify_plan_range,
                             delivery_file_name, load_key)
-from mqi_moqui.deliveries import STOP_KEY, Delivery, check_layers, layers_of
+from mqi_moqui.deliveries import STOP_KEY, Delivery, check_layers, layers_of, parse_int
 from mqi_moqui.delivery_analysis import Levels
 from mqi_moqui.delivery_check import check_beam, for_case_info, load_calibrations
 from mqi_moqui.images import ImageSet, Phantom, find_images, phantom_series
@@ -214,17 +214,6 @@ def parse_plan_info(data: bytes | str) -> dict[str, str]:
             continue
         out.setdefault(key, value.strip())
     return out
-
-
-def _parse_int(value: str) -> Optional[int]:
-    try:
-        return int(value.strip())
-    except ValueError:
-        try:
-            number = float(value)
-        except ValueError:
-            return None
-        return int(number) if number.is_integer() else None
 
 
 def _write_atomic(target: Path, data: bytes) -> None:
@@ -420,7 +409,7 @@ class MoquiInterpreter(Interpreter):
         for position, (folder, values) in enumerate(_delivery_folders(case_dir), 1):
             label = delivery_label(position)
             raw = values.get(BEAM_NUMBER_KEY)
-            number = _parse_int(raw) if raw is not None else None
+            number = parse_int(raw) if raw is not None else None
             if number is None:
                 ignored.append(f"{label}: {PLAN_INFO} has no valid {BEAM_NUMBER_KEY}")
                 continue
